@@ -1,0 +1,723 @@
+"""
+UNIP in one file: the model side of
+
+    Tao Zhang, Jinyong Wen, Zhen Chen, Kun Ding, Shiming Xiang, Chunhong Pan.
+    "UNIP: Rethinking Pre-trained Attention Patterns for Infrared Semantic
+    Segmentation." ICLR 2025. arXiv:2502.02257
+
+A large pre-trained ViT (the teacher) shows three attention patterns per head:
+local, hybrid and global. The hybrid pattern matters most for infrared
+segmentation. UNIP measures the pattern of every head with the normalised
+mutual information (NMI) between query and key positions, picks the teacher
+layer whose mean NMI is closest to 0.09 (a hybrid layer), and distils that
+layer's attention logits into the last layer of a small ViT (NMI-HAD). The
+student is then fine-tuned with a pyramid built from its last layer (LL-FPN)
+and an UperNet head.
+
+Contents, in reading order:
+  1. helpers            sin-cos position embedding, resampling, stochastic depth
+  2. Attention, MLP, Block
+  3. ViT                standard key names; attention_logits / attention_maps / features
+  4. NMI analysis       nmi, classify_heads, choose_layer, layer_nmi
+  5. distillation loss  distill_loss (NMI-HAD, UNIP §3.2)
+  6. checkpoints        load_checkpoint, load_pretrained (MAE, DINO, iBOT, DeiT, UNIP)
+  7. segmentation       LL-FPN, UperNet, FCN auxiliary head, linear probes,
+                        layer-wise lr decay, sliding-window inference, mIoU
+  8. size presets       vit_tiny, vit_small, vit_base, vit_large
+
+Shapes: B batch, N tokens (1 + h*w, CLS first), D width, H heads, h/w patch grid.
+Importing this module only defines things.
+"""
+
+import argparse
+import math
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# 1. helpers
+
+
+def sincos_pos_embed(dim, grid_h, grid_w=None):
+    """Fixed 2-D sin-cos position embedding with a zero CLS row: (1 + h*w, dim).
+
+    Same construction as MAE (and the UNIP students): the first half of the
+    channels encodes the column index, the second half the row index, each as
+    [sin | cos] over dim/4 frequencies. Tokens are in row-major order.
+    Computed in float64 like MAE's numpy code, then cast.
+    """
+    grid_w = grid_h if grid_w is None else grid_w
+    assert dim % 4 == 0, "sin-cos position embedding needs dim divisible by 4"
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))  # (D/4,)
+    rows, cols = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
+                                torch.arange(grid_w, dtype=torch.float64), indexing="ij")
+
+    def embed_1d(pos):  # (h*w,) -> (h*w, D/2)
+        out = pos.reshape(-1, 1) * omega[None]
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    emb = torch.cat([embed_1d(cols), embed_1d(rows)], dim=1)  # (h*w, D)
+    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), emb]).float()
+
+
+def resample_pos_embed(pos_embed, grid, num_prefix=1):
+    """Resample the patch part of a (1, prefix + g*g, D) position embedding to
+    `grid` = (h, w), bicubic with align_corners=False (as MAE / mmseg do).
+    Prefix rows (CLS) are kept as they are."""
+    prefix, patch = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
+    old = int(math.isqrt(patch.shape[1]))
+    if old * old != patch.shape[1]:
+        raise ValueError(f"pos_embed has {patch.shape[1]} patch rows: not a square grid")
+    if (old, old) == tuple(grid):
+        return pos_embed
+    dim = patch.shape[-1]
+    patch = patch.reshape(1, old, old, dim).permute(0, 3, 1, 2)  # (1, D, g, g)
+    patch = F.interpolate(patch.float(), size=tuple(grid), mode="bicubic", align_corners=False)
+    patch = patch.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], dim).to(pos_embed.dtype)
+    return torch.cat([prefix, patch], dim=1)
+
+
+def drop_path(x, p, training):
+    """Stochastic depth: drop the whole residual branch per sample."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+# -----------------------------------------------------------------------------
+# 2. Attention, MLP, Block
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection (standard keys
+    `qkv`, `proj`). `forward` uses SDPA; the explicit path is only taken when
+    somebody needs the map, and then q·kᵀ is computed once."""
+
+    def __init__(self, dim, heads, qkv_bias=True):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.scale = self.head_dim ** -0.5  # uses *this* block's head_dim (16 heads on ViT-S -> 24)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def _split(self, x, parts):  # (B, N, parts*D) -> parts x (B, H, N, hd)
+        B, N, _ = x.shape
+        return x.view(B, N, parts, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def forward(self, x):  # (B, N, D) -> (B, N, D)
+        q, k, v = self._split(self.qkv(x), 3)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, hd)
+        return self.proj(x.transpose(1, 2).flatten(2))
+
+    def forward_with_logits(self, x):  # (B, N, D) -> (B, N, D), (B, H, N, N)
+        q, k, v = self._split(self.qkv(x), 3)
+        logits = (q @ k.transpose(-2, -1)) * self.scale
+        x = logits.softmax(dim=-1) @ v
+        return self.proj(x.transpose(1, 2).flatten(2)), logits
+
+    def logits(self, x):  # (B, N, D) -> (B, H, N, N)
+        # Only the q and k rows of qkv: distillation never needs v or proj.
+        D = self.heads * self.head_dim
+        bias = None if self.qkv.bias is None else self.qkv.bias[: 2 * D]
+        q, k = self._split(F.linear(x, self.qkv.weight[: 2 * D], bias), 2)
+        return (q @ k.transpose(-2, -1)) * self.scale
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU, as in MAE/DINO
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block. `layer_scale` > 0 adds per-channel residual
+    scales `gamma_1`, `gamma_2` (BEiT/MAE fine-tuning); off by default."""
+
+    def __init__(self, dim, heads, mlp_ratio=4.0, drop_path=0.0, layer_scale=0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+        self.drop_path = drop_path
+        self.gamma_1 = nn.Parameter(torch.full((dim,), float(layer_scale))) if layer_scale else None
+        self.gamma_2 = nn.Parameter(torch.full((dim,), float(layer_scale))) if layer_scale else None
+
+    def _residual(self, x, y, gamma):
+        y = y if gamma is None else gamma * y
+        return x + drop_path(y, self.drop_path, self.training)
+
+    def forward(self, x):  # (B, N, D) -> (B, N, D)
+        x = self._residual(x, self.attn(self.norm1(x)), self.gamma_1)
+        return self._residual(x, self.mlp(self.norm2(x)), self.gamma_2)
+
+    def forward_with_logits(self, x):  # (B, N, D) -> (B, N, D), (B, H, N, N)
+        y, logits = self.attn.forward_with_logits(self.norm1(x))
+        x = self._residual(x, y, self.gamma_1)
+        return self._residual(x, self.mlp(self.norm2(x)), self.gamma_2), logits
+
+
+# -----------------------------------------------------------------------------
+# 3. ViT
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size, in_chans, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):  # (B, C, H, W) -> (B, D, h, w); sides are floored to the patch grid
+        return self.proj(x)
+
+
+class ViT(nn.Module):
+    """Plain ViT with the standard state-dict keys (`patch_embed.proj`,
+    `cls_token`, `pos_embed`, `blocks.N.{norm1,attn.qkv,attn.proj,norm2,
+    mlp.fc1,mlp.fc2}`, `norm`), so MAE / DINO / iBOT / DeiT / UNIP weights load.
+
+    last_heads: head count of the last block. UNIP builds the student's last
+        block with the teacher's head count so its logits match the teacher's
+        shape; the parameter shapes do not change.
+    drop_path_schedule: 'uniform' (UNIP pre-training: the same rate in every
+        block) or 'linear' (fine-tuning: rising from 0 to `drop_path`).
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, dim=768, depth=12, heads=12,
+                 last_heads=None, mlp_ratio=4.0, drop_path=0.0, drop_path_schedule="uniform",
+                 layer_scale=0.0):
+        super().__init__()
+        self.patch_size, self.dim, self.depth, self.heads = patch_size, dim, depth, heads
+        self.last_heads = last_heads or heads
+        grid = img_size // patch_size
+        self.patch_embed = PatchEmbed(patch_size, in_chans, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        # Fixed (frozen) sin-cos embedding, stored as a parameter like MAE so the key exists.
+        self.pos_embed = nn.Parameter(sincos_pos_embed(dim, grid)[None], requires_grad=False)
+        if drop_path_schedule == "uniform":
+            rates = [drop_path] * depth
+        elif drop_path_schedule == "linear":
+            rates = torch.linspace(0, drop_path, depth).tolist()
+        else:
+            raise ValueError(f"drop_path_schedule must be 'uniform' or 'linear', got {drop_path_schedule!r}")
+        self.blocks = nn.ModuleList(
+            Block(dim, self.last_heads if i == depth - 1 else heads, mlp_ratio, rates[i], layer_scale)
+            for i in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.init_weights()
+
+    def init_weights(self):
+        # MAE initialisation: xavier for linears and the patch projection (seen as a linear).
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        nn.init.normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def grid(self, x):  # patch grid (h, w) of an image batch
+        return x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+
+    def prepare_tokens(self, x):  # (B, C, H, W) -> (B, 1 + h*w, D)
+        grid = self.grid(x)
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, h*w, D)
+        pos = resample_pos_embed(self.pos_embed, grid)  # no-op when the grid matches
+        cls = (self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)
+        return torch.cat([cls, x + pos[:, 1:]], dim=1)
+
+    def forward(self, x):  # (B, C, H, W) -> (B, N, D), after the final norm
+        x = self.prepare_tokens(x)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def _check_layers(self, layers):
+        for layer in layers:
+            if not 1 <= layer <= len(self.blocks):
+                raise ValueError(f"layer {layer} is out of range: this ViT has layers 1..{len(self.blocks)}")
+
+    def attention_logits(self, x, layer):
+        """Pre-softmax scaled logits q·kᵀ/sqrt(head_dim) of block `layer`
+        (counted from 1, as the paper does): (B, H, N, N), CLS included.
+        Runs blocks 1..layer-1, then only norm1 and the q/k projections."""
+        self._check_layers([layer])
+        x = self.prepare_tokens(x)
+        for blk in self.blocks[: layer - 1]:
+            x = blk(x)
+        blk = self.blocks[layer - 1]
+        return blk.attn.logits(blk.norm1(x))
+
+    def attention_maps(self, x, layers=None, reduce=None):
+        """Post-softmax attention of several layers (1-based) in one pass:
+        {layer: (B, H, N, N)}. `reduce`, if given, is applied to each map as
+        soon as it exists (e.g. `nmi`) so only its result is kept; the pass
+        stops after the deepest layer asked for."""
+        layers = list(range(1, len(self.blocks) + 1)) if layers is None else sorted(set(layers))
+        self._check_layers(layers)
+        out = {}
+        x = self.prepare_tokens(x)
+        for i, blk in enumerate(self.blocks[: layers[-1]], start=1):
+            if i in layers:
+                if i == layers[-1]:  # the last one needed: no need to finish the block
+                    probs = blk.attn.logits(blk.norm1(x)).softmax(dim=-1)
+                else:
+                    x, logits = blk.forward_with_logits(x)
+                    probs = logits.softmax(dim=-1)
+                out[i] = probs if reduce is None else reduce(probs)
+            else:
+                x = blk(x)
+        return out
+
+    def features(self, x, layers):
+        """Outputs of blocks `layers` (1-based), patch tokens only, no norm,
+        as maps (B, D, h, w); stops after the deepest one asked for."""
+        self._check_layers(layers)
+        h, w = self.grid(x)
+        x = self.prepare_tokens(x)
+        out = {}
+        for i, blk in enumerate(self.blocks[: max(layers)], start=1):
+            x = blk(x)
+            if i in layers:
+                out[i] = x[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, h, w)
+        return [out[i] for i in layers]
+
+
+# -----------------------------------------------------------------------------
+# 4. NMI analysis (UNIP §3.1; the formula of Park et al., ICLR 2023)
+#
+# For one head, read the post-softmax map A (L x L) as a joint distribution of
+# query and key positions: p(q, k) = A[q, k] / L, so p(q) = 1/L and
+# p(k) = mean_q A[q, k].  Then
+#     I(Q;K) = sum p(q,k) log(p(q,k) / (p(q) p(k))) = H(K) - mean_q H(A[q, :])
+#     NMI    = I(Q;K) / sqrt(H(Q) H(K)),  H(Q) = log L.
+# Identity attention -> 1 (local); identical rows (incl. uniform) -> 0 (global).
+# CLS: by default its row and column are dropped and the rows renormalised, as
+# Park et al. do, so the measure is about spatial positions only.
+
+PATTERN_THRESHOLDS = (0.06, 0.12)  # global < 0.06 <= hybrid <= 0.12 < local; the project's choice
+
+
+def _entropy(p, dim=-1):  # sum -p log p, with 0 log 0 = 0
+    return -torch.special.xlogy(p, p).sum(dim)
+
+
+def nmi(attn, drop_cls=True, eps=1e-8):
+    """NMI between query and key positions of post-softmax maps (B, H, N, N) -> (B, H)."""
+    a = attn.float()
+    if drop_cls:
+        a = a[..., 1:, 1:]
+        a = a / (a.sum(-1, keepdim=True) + eps)
+    L = a.shape[-1]
+    p_k = a.mean(-2)  # (B, H, L): key marginal
+    h_k = _entropy(p_k)  # H(K)
+    mi = h_k - _entropy(a).mean(-1)  # H(K) - H(K|Q)
+    out = mi / torch.sqrt(math.log(L) * h_k).clamp_min(eps)
+    return out.clamp(0.0, 1.0)  # float error can leave tiny negatives; all mass on one key gives 0/0 -> 0
+
+
+def classify_heads(nmi_values, thresholds=PATTERN_THRESHOLDS):
+    """Pattern of each head from its (mean) NMI: 'global' / 'hybrid' / 'local'."""
+    low, high = thresholds
+    vals = nmi_values.tolist() if torch.is_tensor(nmi_values) else list(nmi_values)
+    return ["global" if v < low else "local" if v > high else "hybrid" for v in vals]
+
+
+def choose_layer(layer_means, target=0.09):
+    """The layer (counted from 1) whose mean NMI is closest to `target`:
+    UNIP's rule for the teacher layer to distil."""
+    vals = layer_means.tolist() if torch.is_tensor(layer_means) else list(layer_means)
+    return min(range(len(vals)), key=lambda i: abs(vals[i] - target)) + 1
+
+
+@torch.no_grad()
+def layer_nmi(model, images, layers=None, drop_cls=True):
+    """NMI of every head of `layers` (default all) on a batch: (L, B, H)."""
+    maps = model.attention_maps(images, layers, reduce=lambda a: nmi(a, drop_cls=drop_cls))
+    return torch.stack([maps[i] for i in sorted(maps)])
+
+
+# -----------------------------------------------------------------------------
+# 5. NMI-HAD distillation loss (UNIP §3.2)
+
+
+def distill_loss(student_logits, teacher_logits):
+    """KL(softmax(teacher row) || softmax(student row)) summed over keys and
+    averaged over batch, heads and query rows (CLS row included), in fp32:
+    over 197 keys the small probabilities matter and bf16 would drop them.
+    Inputs: pre-softmax logits (B, H, N, N)."""
+    if student_logits.shape != teacher_logits.shape:
+        s, t = tuple(student_logits.shape), tuple(teacher_logits.shape)
+        hint = ""
+        if len(s) == 4 and len(t) == 4 and s[1] != t[1]:
+            hint = f" Build the student with last_heads={t[1]} (the teacher's head count)."
+        elif len(s) == 4 and len(t) == 4 and s[2] != t[2]:
+            hint = " Student and teacher must see the same image size and patch size."
+        raise ValueError(f"student logits {s} and teacher logits {t} differ in shape.{hint}")
+    with torch.autocast(student_logits.device.type, enabled=False):
+        log_p_s = student_logits.float().log_softmax(dim=-1)
+        log_p_t = teacher_logits.float().log_softmax(dim=-1)
+        return (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1).mean()
+
+
+# -----------------------------------------------------------------------------
+# 6. checkpoints
+#
+# Formats read: MAE {'model'}, DINO raw, DINO/iBOT full checkpoints
+# ({'teacher', 'student', ...}, 'module.'/'backbone.' prefixes), iBOT
+# {'state_dict'}, DeiT/timm ({'model'} or raw, 'dist_token'), the released UNIP
+# students ({'model', 'optimizer', 'epoch', 'scaler', 'args'} with a pickled
+# argparse.Namespace), and this project's own checkpoints.
+
+_PREFIXES = ("module.", "_orig_mod.", "backbone.", "encoder.")
+_EXTRA = re.compile(r"^(head|head_dist|fc_norm|decoder|decoder_\w+|mask_token|dist_token|"
+                    r"masked_embed|reg_token|register_tokens)(\.|$)")
+
+
+def load_checkpoint(path):
+    """torch.load with weights_only=True. argparse.Namespace (the `args` entry
+    of MAE/DINO/iBOT/UNIP checkpoints) is allow-listed; nothing falls back to
+    full unpickling."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"checkpoint not found: {path}") from None
+        except Exception as e:  # an unpickling refusal names the global it met
+            raise RuntimeError(
+                f"could not read {path} with weights_only=True: {e}\n"
+                "If you trust this file, convert it once with torch.load(..., weights_only=False) "
+                "and save its state dict alone.") from None
+
+
+def _is_state_dict(d):
+    return isinstance(d, dict) and d and all(torch.is_tensor(v) for v in d.values())
+
+
+def unwrap_state_dict(obj):
+    """Find the backbone state dict inside any of the supported wrappers and
+    strip the 'module.' / 'backbone.' / '_orig_mod.' / 'encoder.' prefixes."""
+    sd = obj
+    for _ in range(3):  # e.g. {'teacher': {...}} or {'model': {'state_dict'...}}
+        if _is_state_dict(sd):
+            break
+        if not isinstance(sd, dict):
+            raise ValueError(f"expected a dict checkpoint, got {type(sd).__name__}")
+        for key in ("teacher", "model", "state_dict", "model_ema", "module", "student"):
+            if isinstance(sd.get(key), dict):
+                sd = sd[key]
+                break
+        else:
+            raise ValueError(f"no state dict found in checkpoint with keys {sorted(sd)[:10]}")
+    if not _is_state_dict(sd):
+        raise ValueError("no state dict found in checkpoint")
+    out = {}
+    for k, v in sd.items():
+        while k.startswith(_PREFIXES):
+            k = k.split(".", 1)[1]
+        out[k] = v
+    return out
+
+
+def load_pretrained(model, source, upto_layer=None, verbose=True):
+    """Load ViT weights from a path, a checkpoint dict or a state dict into `model`.
+
+    Unwraps and strips prefixes, drops heads / decoders / mask and distillation
+    tokens, fuses BEiT-style q_bias/v_bias, resamples `pos_embed` to the
+    model's grid, and refuses (naming the keys) when a weight the model needs
+    is missing or has the wrong shape. A model built shallower than the
+    checkpoint (a teacher cut at its distilled layer) ignores the deeper blocks.
+    With `upto_layer` = L, the blocks after L and the final norm may be absent
+    from the checkpoint: a teacher that stops at layer L never runs them.
+    Returns a report dict: loaded, ignored, resampled.
+    """
+    from_file = isinstance(source, (str, bytes)) or hasattr(source, "__fspath__")
+    name = str(source) if from_file else "<state dict>"
+    sd = unwrap_state_dict(load_checkpoint(source) if from_file else source)
+    own, depth = model.state_dict(), len(model.blocks)
+    block_of = lambda k: int(m.group(1)) if (m := re.match(r"blocks\.(\d+)\.", k)) else None
+    report = {"loaded": [], "ignored": [], "resampled": None}
+
+    # BEiT/data2vec keep separate q and v biases (k has none): fuse them.
+    for k in [k for k in sd if k.endswith("attn.q_bias")]:
+        q_bias, v_bias = sd.pop(k), sd.pop(k.replace("q_bias", "v_bias"))
+        sd[k.replace("q_bias", "qkv.bias")] = torch.cat([q_bias, torch.zeros_like(q_bias), v_bias])
+
+    new = {}
+    for k, v in sd.items():
+        b = block_of(k)
+        if k in own:
+            new[k] = v
+        elif _EXTRA.match(k) or (b is not None and b >= depth) or b is None:
+            report["ignored"].append(k)
+        else:  # a block weight we have no slot for (layer scale, relative position bias, ...)
+            raise ValueError(f"{name}: block weight {k!r} has no counterpart in this model "
+                             "(a different architecture?)")
+
+    if "pos_embed" in new and new["pos_embed"].shape[-1] == own["pos_embed"].shape[-1]:
+        pe, n = new["pos_embed"], new["pos_embed"].shape[1]
+        if math.isqrt(n - 1) ** 2 != n - 1 and math.isqrt(n - 2) ** 2 == n - 2:
+            pe = torch.cat([pe[:, :1], pe[:, 2:]], dim=1)  # DeiT distilled: drop the distillation row
+        elif math.isqrt(n) ** 2 == n:
+            pe = torch.cat([torch.zeros_like(pe[:, :1]), pe], dim=1)  # no CLS row (DeiT III): zero position
+        old, g = math.isqrt(pe.shape[1] - 1), math.isqrt(own["pos_embed"].shape[1] - 1)
+        if old != g:
+            pe = resample_pos_embed(pe, (g, g))
+            report["resampled"] = (old, g)
+        new["pos_embed"] = pe
+
+    # A model cut shorter than the checkpoint, or one told it stops at `upto_layer`, never runs `norm`.
+    cut = upto_layer is not None or any((block_of(k) or 0) >= depth for k in report["ignored"])
+    optional = lambda k: cut and (k.startswith("norm.") or (upto_layer is not None and (block_of(k) or -1) >= upto_layer))
+    missing = [k for k in own if k not in new and not optional(k)]
+    wrong = [f"{k}: checkpoint {tuple(new[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in new if new[k].shape != own[k].shape]
+    if missing or wrong:
+        lines = []
+        if missing:
+            lines.append(f"missing {len(missing)} keys: {', '.join(missing[:12])}{' ...' if len(missing) > 12 else ''}")
+        if wrong:
+            lines.append(f"wrong shape for {len(wrong)} keys: {'; '.join(wrong[:6])}{' ...' if len(wrong) > 6 else ''}")
+        raise ValueError(f"{name} does not fit this model ({model.dim} wide, {depth} blocks):\n  "
+                         + "\n  ".join(lines))
+    model.load_state_dict(new, strict=False)  # only optional keys can be absent: checked above
+    report["loaded"] = sorted(new)
+    if verbose:
+        msg = f"loaded {len(new)} tensors from {name}"
+        if report["resampled"]:
+            msg += " (pos_embed {0}x{0} -> {1}x{1})".format(*report["resampled"])
+        if report["ignored"]:
+            kinds = sorted({re.sub(r"\.\d+\..*|\..*", "", k) for k in report["ignored"]})
+            msg += f"; ignored {len(report['ignored'])}: {', '.join(kinds)}"
+        print(msg)
+    return report
+
+
+# -----------------------------------------------------------------------------
+# 7. segmentation: LL-FPN + UperNet (UNIP §3.3), linear probes, evaluation
+
+
+def conv_bn_relu(cin, cout, k):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class LLFPN(nn.Module):
+    """Simple feature pyramid: four stride-16 maps -> strides 4, 8, 16, 32.
+    LL-FPN feeds the last block's output to all four; the multi-layer
+    baseline feeds blocks 4, 6, 8, 12."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.fpn1 = nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, stride=2), nn.BatchNorm2d(dim), nn.GELU(),
+                                  nn.ConvTranspose2d(dim, dim, 2, stride=2))
+        self.fpn2 = nn.ConvTranspose2d(dim, dim, 2, stride=2)
+        self.fpn3 = nn.Identity()
+        self.fpn4 = nn.MaxPool2d(2, stride=2)
+
+    def forward(self, feats):  # 4 x (B, D, h, w) -> (B, D, 4h, 4w), (B, D, 2h, 2w), (B, D, h, w), (B, D, h/2, w/2)
+        return [op(f) for op, f in zip((self.fpn1, self.fpn2, self.fpn3, self.fpn4), feats)]
+
+
+def _up(x, size):
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+class UperHead(nn.Module):
+    """UperNet (Xiao et al. 2018) as in mmseg's UPerHead: pyramid pooling on
+    the coarsest map, laterals + top-down path, 3x3 FPN convs, fusion at the
+    finest stride, Dropout2d 0.1, 1x1 classifier."""
+
+    def __init__(self, in_dim, channels, num_classes, pool_scales=(1, 2, 3, 6)):
+        super().__init__()
+        self.ppm = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(s), conv_bn_relu(in_dim, channels, 1))
+                                 for s in pool_scales)
+        self.bottleneck = conv_bn_relu(in_dim + len(pool_scales) * channels, channels, 3)
+        self.lateral = nn.ModuleList(conv_bn_relu(in_dim, channels, 1) for _ in range(3))
+        self.fpn = nn.ModuleList(conv_bn_relu(channels, channels, 3) for _ in range(3))
+        self.fuse = conv_bn_relu(4 * channels, channels, 3)
+        self.dropout = nn.Dropout2d(0.1)
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, feats):  # strides 4, 8, 16, 32 -> (B, K, H/4, W/4)
+        top = feats[3]
+        pooled = [_up(p(top), top.shape[-2:]) for p in self.ppm]
+        lat = [conv(f) for conv, f in zip(self.lateral, feats[:3])] + [self.bottleneck(torch.cat([top] + pooled, 1))]
+        for i in range(3, 0, -1):  # top-down: coarse context added to the finer map
+            lat[i - 1] = lat[i - 1] + _up(lat[i], lat[i - 1].shape[-2:])
+        outs = [conv(x) for conv, x in zip(self.fpn, lat[:3])] + [lat[3]]
+        outs = [outs[0]] + [_up(x, outs[0].shape[-2:]) for x in outs[1:]]
+        return self.classifier(self.dropout(self.fuse(torch.cat(outs, 1))))
+
+
+class FCNHead(nn.Module):
+    """Auxiliary head on the stride-16 map: 3x3 conv-BN-ReLU (256), dropout, 1x1."""
+
+    def __init__(self, in_dim, num_classes, channels=256):
+        super().__init__()
+        self.conv = conv_bn_relu(in_dim, channels, 3)
+        self.dropout = nn.Dropout2d(0.1)
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, x):
+        return self.classifier(self.dropout(self.conv(x)))
+
+
+class Segmenter(nn.Module):
+    """A ViT backbone with one of the paper's segmentation heads.
+
+    mode 'finetune': pyramid + UperNet (+ FCN auxiliary head); `layers` picks
+        the blocks feeding the pyramid: (depth,)*4 is LL-FPN (default),
+        (4, 6, 8, 12) the multi-layer baseline.
+    mode 'linear': frozen backbone; blocks (4, 6, 8, 12) (or `layers`),
+        resized to the first map's size and concatenated -> one 1x1 conv.
+    mode 'layer-linear': frozen backbone; one block (`layers`=(n,)) -> 1x1 conv.
+    forward returns (logits at stride 4 or 16, auxiliary logits or None).
+    The backbone's final `norm` is not used by any head and is frozen.
+    """
+
+    def __init__(self, backbone, num_classes, mode="finetune", layers=None, aux=True):
+        super().__init__()
+        self.backbone, self.mode = backbone, mode
+        depth, dim = len(backbone.blocks), backbone.dim
+        if mode == "finetune":
+            self.layers = tuple(layers or (depth,) * 4)
+            assert len(self.layers) == 4, "the pyramid takes 4 maps"
+            self.pyramid = LLFPN(dim)
+            self.head = UperHead(dim, dim, num_classes)
+            self.aux_head = FCNHead(dim, num_classes) if aux else None
+        elif mode in ("linear", "layer-linear"):
+            default = (4, 6, 8, 12) if mode == "linear" else (depth,)
+            self.layers = tuple(layers or default)
+            if mode == "layer-linear" and len(self.layers) != 1:
+                raise ValueError("layer-linear probing takes exactly one layer")
+            self.head = nn.Conv2d(dim * len(self.layers), num_classes, 1)
+            self.aux_head = None
+            backbone.requires_grad_(False)
+        else:
+            raise ValueError(f"mode must be finetune, linear or layer-linear, got {mode!r}")
+        backbone._check_layers(self.layers)
+        backbone.norm.requires_grad_(False)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.mode != "finetune":
+            self.backbone.eval()  # frozen backbone: no stochastic depth
+        return self
+
+    def forward(self, x):
+        uniq = sorted(set(self.layers))
+        maps = dict(zip(uniq, self.backbone.features(x, uniq)))
+        feats = [maps[i] for i in self.layers]
+        if self.mode == "finetune":
+            pyr = self.pyramid(feats)
+            aux = self.aux_head(pyr[2]) if (self.aux_head is not None and self.training) else None
+            return self.head(pyr), aux
+        feats = [feats[0]] + [_up(f, feats[0].shape[-2:]) for f in feats[1:]]
+        return self.head(torch.cat(feats, 1)), None
+
+
+def layer_decay_groups(model, weight_decay=0.05, layer_decay=0.85):
+    """AdamW parameter groups with layer-wise lr decay (BEiT/MAE rule):
+    patch_embed, cls_token, pos_embed -> id 0; block i (0-based) -> i + 1;
+    everything else (pyramid, heads) -> depth + 1. lr scale = decay^(depth+1-id).
+    No weight decay on biases, 1-D parameters, pos_embed and cls_token.
+    Each group carries 'lr_scale'; multiply it into the lr at every step."""
+    depth = len(model.backbone.blocks)
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith(("backbone.patch_embed", "backbone.cls_token", "backbone.pos_embed")):
+            lid = 0
+        elif name.startswith("backbone.blocks."):
+            lid = int(name.split(".")[2]) + 1
+        else:
+            lid = depth + 1
+        no_wd = p.ndim == 1 or name.endswith(".bias") or name.endswith(("pos_embed", "cls_token"))
+        key = (lid, no_wd)
+        if key not in groups:
+            groups[key] = {"params": [], "names": [], "weight_decay": 0.0 if no_wd else weight_decay,
+                           "lr_scale": layer_decay ** (depth + 1 - lid), "layer_id": lid}
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+@torch.no_grad()
+def slide_inference(model, img, num_classes, crop=512, stride=341):
+    """Sliding-window logits (mmseg 'slide' mode): windows of `crop` every
+    `stride` pixels, the last window aligned to the border, logits of
+    overlapping windows averaged. img (B, C, H, W) -> (B, K, H, W)."""
+    B, _, H, W = img.shape
+    ch, cw = min(crop, H), min(crop, W)
+    ny = max(H - ch + stride - 1, 0) // stride + 1
+    nx = max(W - cw + stride - 1, 0) // stride + 1
+    logits = img.new_zeros(B, num_classes, H, W, dtype=torch.float32)
+    count = img.new_zeros(1, 1, H, W, dtype=torch.float32)
+    for iy in range(ny):
+        for ix in range(nx):
+            y1, x1 = min(iy * stride, H - ch), min(ix * stride, W - cw)
+            win = img[:, :, y1:y1 + ch, x1:x1 + cw]
+            out = _up(model(win)[0].float(), (ch, cw))
+            logits[:, :, y1:y1 + ch, x1:x1 + cw] += out
+            count[:, :, y1:y1 + ch, x1:x1 + cw] += 1
+    return logits / count
+
+
+def confusion_matrix(pred, label, num_classes, ignore_index=255):
+    """(K, K) counts, rows = ground truth, columns = prediction; ignored pixels skipped."""
+    keep = label != ignore_index
+    idx = label[keep].long() * num_classes + pred[keep].long()
+    return torch.bincount(idx, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def iou_from_confusion(conf):
+    """Per-class IoU = TP / (TP + FP + FN); NaN for a class absent from both
+    prediction and ground truth (mmseg leaves it out of the mean)."""
+    conf = conf.double()
+    tp = conf.diag()
+    union = conf.sum(0) + conf.sum(1) - tp
+    return torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, float("nan")))
+
+
+def mean_iou(conf):
+    return torch.nanmean(iou_from_confusion(conf)).item()
+
+
+# -----------------------------------------------------------------------------
+# 8. size presets (patch 16, MLP ratio 4, LayerNorm eps 1e-6, qkv bias)
+
+
+def vit_tiny(img_size=224, drop_path=0.0, last_heads=None, **kw):
+    return ViT(img_size, dim=192, depth=12, heads=3, last_heads=last_heads, drop_path=drop_path, **kw)
+
+
+def vit_small(img_size=224, drop_path=0.0, last_heads=None, **kw):
+    return ViT(img_size, dim=384, depth=12, heads=6, last_heads=last_heads, drop_path=drop_path, **kw)
+
+
+def vit_base(img_size=224, drop_path=0.0, last_heads=None, **kw):
+    return ViT(img_size, dim=768, depth=12, heads=12, last_heads=last_heads, drop_path=drop_path, **kw)
+
+
+def vit_large(img_size=224, drop_path=0.0, last_heads=None, **kw):
+    return ViT(img_size, dim=1024, depth=24, heads=16, last_heads=last_heads, drop_path=drop_path, **kw)
+
+
+PRESETS = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base, "vit_large": vit_large}
