@@ -31,6 +31,7 @@ Importing this module only defines things.
 
 import argparse
 import math
+import os
 import re
 
 import torch
@@ -403,6 +404,14 @@ def load_checkpoint(path):
                 f"could not read {path} with weights_only=True: {e}\n"
                 "If you trust this file, convert it once with torch.load(..., weights_only=False) "
                 "and save its state dict alone.") from None
+
+
+def save_checkpoint(obj, path):
+    """Write atomically: a crash mid-write leaves the previous file intact."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # atomic on POSIX and Windows
 
 
 def _is_state_dict(d):

@@ -1,0 +1,144 @@
+"""End-to-end tests of train_pretrain.py on tiny models and images (CPU)."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train_pretrain
+import unip
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model", "vit_tiny", "--img-size", "32", "--synthetic-images", "32", "--batch-size", "4",
+        "--effective-batch", "8", "--epochs", "4", "--warmup-epochs", "1", "--workers", "0", "--log-every", "1",
+        "--teacher-arch", "vit_small", "--teacher-layer", "6"]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A random ViT-S teacher saved the way MAE ships its weights."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "mae_vit_small.pth"
+    torch.save({"model": unip.vit_small(img_size=32).state_dict()}, path)
+    return str(path)
+
+
+def run(args, out):
+    train_pretrain.main(args + ["--out", str(out)])
+    return [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+
+
+def weights(out):
+    return unip.load_checkpoint(os.path.join(out, "ckpt.pt"))["model"]
+
+
+def test_loss_goes_down_and_checkpoint_is_a_full_vit(teacher, tmp_path):
+    rows = run(TINY + ["--teacher", teacher, "--steps", "12", "--lr", "2e-3", "--warmup-epochs", "0",
+                       "--drop-path", "0"], tmp_path)
+    assert len(rows) == 12 and {"step", "epoch", "loss", "lr", "img_per_s"} <= set(rows[0])
+    first, last = np.mean([r["loss"] for r in rows[:3]]), np.mean([r["loss"] for r in rows[-3:]])
+    assert last < 0.8 * first, (first, last)
+    ck = unip.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert ck["step"] == 12 and ck["config"]["teacher_layer"] == 6 and ck["config"]["last_heads"] == 6
+    student = unip.vit_tiny(img_size=32)
+    unip.load_pretrained(student, str(tmp_path / "ckpt.pt"), verbose=False)  # loads as a standard ViT
+    assert set(ck["model"]) == set(student.state_dict())
+    # weights that get no gradient by construction stay at their initial values; q/k of the last block learn
+    fresh = unip.vit_tiny(img_size=32)
+    assert torch.equal(ck["model"]["blocks.11.mlp.fc1.bias"], fresh.state_dict()["blocks.11.mlp.fc1.bias"])
+    assert torch.equal(ck["model"]["norm.weight"], torch.ones(192))
+
+
+def test_resume_mid_epoch_gives_identical_weights(teacher, tmp_path):
+    args = TINY + ["--teacher", teacher]  # drop path 0.1: the random stream must be restored too
+    run(args + ["--steps", "4"], tmp_path / "a")
+    run(args + ["--steps", "2"], tmp_path / "b")
+    assert unip.load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))["step"] == 2
+    run(args + ["--steps", "4", "--resume", "auto"], tmp_path / "b")  # 2 steps + resume + 2 steps
+    wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_teacher_layer_auto_uses_the_layer_it_prints(teacher, tmp_path, capsys):
+    args = [a if a != "6" else "auto" for a in TINY]
+    run(args + ["--teacher", teacher, "--steps", "1", "--nmi-images", "8"], tmp_path)
+    out = capsys.readouterr().out
+    chosen = int(re.search(r"distilling teacher layer (\d+)", out).group(1))
+    marked = int(re.search(r"^\s*(\d+)\s+[\d.]+\s+\d+\s+\d+\s+\d+\s+<- distilled", out, re.M).group(1))
+    assert chosen == marked
+    assert unip.load_checkpoint(str(tmp_path / "ckpt.pt"))["config"]["teacher_layer"] == chosen
+    assert len(re.findall(r"^\s*\d+\s+[\d.]+\s+\d+\s+\d+\s+\d+", out, re.M)) == 12  # one row per teacher layer
+
+
+def test_corrupt_image_in_data_root_does_not_stop_the_run(teacher, tmp_path):
+    root = tmp_path / "ir" / "setA" / "thermal"
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(9):
+        Image.fromarray(rng.integers(0, 255, (40, 48), dtype=np.uint8)).save(root / f"{i:02d}.png")
+    (root / "09.png").write_bytes(b"not an image at all")
+    (root / "10.jpg").write_bytes(b"")
+    rows = run(TINY + ["--teacher", teacher, "--infrared", str(tmp_path / "ir"), "--steps", "3",
+                       "--epochs", "3"], tmp_path / "out")
+    assert len(rows) == 3 and all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(teacher, tmp_path):
+    out = tmp_path / "run"
+    run(TINY + ["--teacher", teacher, "--steps", "2"], out)
+    good = weights(out)
+    sd = unip.load_checkpoint(teacher)["model"]
+    sd["blocks.0.attn.qkv.weight"][:] = float("nan")
+    bad = tmp_path / "nan_teacher.pth"
+    torch.save({"model": sd}, bad)
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        run(TINY + ["--teacher", str(bad), "--steps", "4", "--resume", "auto"], out)
+    ck = unip.load_checkpoint(str(out / "ckpt.pt"))
+    assert ck["step"] == 2
+    assert all(torch.equal(good[k], ck["model"][k]) for k in good)
+
+
+def test_wrong_teacher_arch_names_the_keys(teacher, tmp_path):
+    args = [a if a != "vit_small" else "vit_base" for a in TINY]
+    with pytest.raises(ValueError, match="patch_embed.proj.weight"):
+        run(args + ["--teacher", teacher, "--steps", "1"], tmp_path)
+
+
+def test_script_help_and_smoke_run_in_subprocess(teacher, tmp_path):
+    h = subprocess.run([sys.executable, "train_pretrain.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert h.returncode == 0 and "--teacher-layer" in h.stdout and "MAE-L 18" in h.stdout
+    r = subprocess.run([sys.executable, "train_pretrain.py", *TINY, "--teacher", teacher, "--steps", "2",
+                        "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert os.path.exists(tmp_path / "ckpt.pt")
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_torchrun_two_processes_match_one_process_with_double_batch(teacher, tmp_path):
+    common = TINY + ["--teacher", teacher, "--steps", "3", "--drop-path", "0",
+                                                 "--accum-steps", "1", "--lr", "1e-3", "--warmup-epochs", "0", "--device", "cpu"]
+    one = [sys.executable, "train_pretrain.py", *common, "--batch-size", "8", "--out", str(tmp_path / "one")]
+    two = ["torchrun", "--nproc_per_node=2", "--master_port=29517", "train_pretrain.py", *common,
+           "--batch-size", "4", "--out", str(tmp_path / "two")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for cmd in (one, two):
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert unip.load_checkpoint(str(tmp_path / "two" / "ckpt.pt"))["step"] == 3
+    torch.manual_seed(0)  # the initial student: main() seeds, builds the teacher, then the student
+    unip.vit_small(img_size=32)
+    w0 = unip.vit_tiny(img_size=32, last_heads=6).state_dict()
+    assert (w1["blocks.0.attn.qkv.weight"] - w0["blocks.0.attn.qkv.weight"]).abs().max() > 1e-3  # not vacuous
+    for k in w1:
+        a, b = w1[k], w2[k]
+        if k.endswith("attn.qkv.bias"):  # the k bias shifts each softmax row by a constant: its gradient is
+            a, b = a[torch.arange(len(a)) // 192 != 1], b[torch.arange(len(b)) // 192 != 1]  # float noise, which Adam amplifies
+        assert torch.allclose(a, b, atol=5e-5), k

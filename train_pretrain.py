@@ -1,0 +1,357 @@
+r"""
+NMI-HAD pre-training (UNIP §3.2): distil the attention of one hybrid layer of a
+frozen, pre-trained teacher ViT into the last layer of a small student ViT.
+
+  python train_pretrain.py --teacher mae_pretrain_vit_large.pth --teacher-arch vit_large \
+      --teacher-layer 18 --model vit_small --infrared /data/infmix/infrared \
+      --imagenet /data/imagenet/train --coco /data/coco
+  torchrun --nproc_per_node=8 train_pretrain.py ...          (one node, 8 GPUs)
+  torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 \
+      --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train_pretrain.py ...
+
+Without data roots it trains on the synthetic infrared scenes of data.py.
+Defaults follow the paper's recipe: 100 epochs (5 warm-up), effective batch 4096,
+lr = 1.5e-4 x 4096 / 256, AdamW (0.9, 0.95), weight decay 0.05, drop path 0.1.
+"""
+
+import argparse
+import dataclasses
+import inspect
+import json
+import math
+import os
+import re
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+import data
+import unip
+
+
+@dataclass
+class Config:
+    out: str = "runs/pretrain"  # output folder: config.json, log.jsonl, ckpt.pt
+    teacher: str = ""  # teacher checkpoint (MAE, DINO, iBOT, DeiT, UNIP formats); 'random' = untrained, smoke tests only
+    teacher_arch: str = "vit_large"  # teacher size: vit_tiny | vit_small | vit_base | vit_large
+    teacher_layer: str = "18"  # layer to distil, from 1 (MAE-L 18, iBOT-L 21, DINO-B 9), or 'auto'
+    nmi_target: float = 0.09  # --teacher-layer auto: the layer whose mean NMI is closest to this
+    nmi_images: int = 256  # --teacher-layer auto: images used to measure NMI
+    model: str = "vit_small"  # student size: vit_tiny | vit_small | vit_base
+    img_size: int = 224  # training resolution (student and teacher see the same images)
+    infrared: str = ""  # InfMix infrared root (<dataset>/thermal/*) or a plain image folder
+    imagenet: str = ""  # ImageNet train root (<wnid>/*), capped at --per-class images per class
+    coco: str = ""  # COCO root (train2017/*) or a folder of COCO images
+    per_class: int = 200  # ImageNet images per class
+    synthetic_images: int = 2000  # size of the synthetic set used when no root is given
+    epochs: int = 100  # epochs of the lr schedule
+    warmup_epochs: int = 5  # linear warm-up, then half-cycle cosine
+    batch_size: int = 256  # images per process per micro-step
+    effective_batch: int = 4096  # images per optimiser step over all processes (sets accum_steps)
+    accum_steps: int = 0  # micro-steps per optimiser step; 0 = reach --effective-batch
+    blr: float = 1.5e-4  # base lr; the lr is blr x effective batch / 256
+    lr: float = 0.0  # absolute lr; overrides --blr when > 0
+    min_lr: float = 0.0  # lr at the end of the cosine
+    weight_decay: float = 0.05  # AdamW weight decay (none on biases and 1-D parameters)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    drop_path: float = 0.1  # student stochastic depth, the same in every block
+    steps: int = 0  # stop once this many optimiser steps are done in total (0 = the whole schedule)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda if available, one GPU per process)
+    amp: str = "auto"  # auto (bf16 on CUDA, none on CPU) | bf16 | fp16 | none
+    compile: bool = False  # torch.compile student and teacher
+    workers: int = 8  # data loader processes per training process
+    log_every: int = 20  # optimiser steps between log lines (the only host syncs)
+    save_every: int = 500  # optimiser steps between checkpoints (also at every epoch end)
+    keep_every: int = 20  # also keep a copy OUT/epochN.pt every N epochs (0 = never)
+    resume: str = ""  # checkpoint to resume from, or 'auto' = OUT/ckpt.pt if it exists
+    seed: int = 0  # seed; process r uses seed + r for dropout / drop path
+
+
+def parse_config(argv=None):
+    # The command line is the dataclass: --batch-size for batch_size, help from the trailing comment.
+    helps = dict(re.findall(r"^\s+(\w+):.*?#\s*(.+)$", inspect.getsource(Config), re.M))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    choices = {"teacher_arch": list(unip.PRESETS), "model": list(unip.PRESETS), "amp": ["auto", "bf16", "fp16", "none"]}
+    for f in dataclasses.fields(Config):
+        flag, h = "--" + f.name.replace("_", "-"), f"{helps.get(f.name, '')} (default: {f.default!r})"
+        if f.type is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=h)
+        else:
+            p.add_argument(flag, type=type(f.default), default=f.default, choices=choices.get(f.name), help=h)
+    return Config(**vars(p.parse_args(argv)))
+
+
+class AttentionLogits(nn.Module):
+    """The module DDP and torch.compile see: a ViT's logits at one layer (B, H, N, N)."""
+
+    def __init__(self, vit, layer):
+        super().__init__()
+        self.vit, self.layer = vit, layer
+
+    def forward(self, x):
+        return self.vit.attention_logits(x, self.layer)
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+
+    # ---------------------------------------------------------------- distributed setup
+    ddp = "RANK" in os.environ
+    if ddp:
+        use_cuda = torch.cuda.is_available() and cfg.device != "cpu"
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        rank, local_rank, world = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+        device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(device)
+    else:
+        rank, local_rank, world = 0, 0, 1
+        device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    master = rank == 0
+    torch.manual_seed(cfg.seed + rank)
+    amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
+    autocast = torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16,
+                              enabled=amp != "none")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    os.makedirs(cfg.out, exist_ok=True)
+    say = print if master else (lambda *a, **k: None)
+
+    # ---------------------------------------------------------------- data
+    if not cfg.teacher:
+        raise SystemExit("--teacher is required: a pre-trained ViT checkpoint (see README: MAE-L, iBOT-L, "
+                         "DINO-B), or 'random' for a smoke test. `python demo.py` trains one from scratch.")
+    transform = data.PretrainTransform(cfg.img_size)
+    if cfg.infrared or cfg.imagenet or cfg.coco:
+        dataset = data.InfMix(cfg.infrared or None, cfg.imagenet or None, cfg.coco or None,
+                              per_class=cfg.per_class, transform=transform, seed=cfg.seed)
+        say(dataset.summary())
+    else:
+        dataset = data.SyntheticThermal("train", num_images=cfg.synthetic_images, transform=transform, seed=cfg.seed)
+        say(f"no data roots given: {len(dataset)} synthetic infrared scenes")
+    accum = cfg.accum_steps or max(1, cfg.effective_batch // (cfg.batch_size * world))
+    eff_batch = cfg.batch_size * accum * world
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    steps_per_epoch = len(sampler) // (cfg.batch_size * accum)
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{len(dataset)} images are too few for one step of {eff_batch} images; "
+                         "lower --batch-size / --effective-batch")
+    total_steps = cfg.epochs * steps_per_epoch
+    last_step = min(cfg.steps, total_steps) if cfg.steps else total_steps
+    lr = cfg.lr or cfg.blr * eff_batch / 256
+
+    # ---------------------------------------------------------------- teacher (frozen, never in DDP)
+    teacher = unip.PRESETS[cfg.teacher_arch](img_size=cfg.img_size)
+    if cfg.teacher == "random":
+        say("WARNING: --teacher random: the teacher is untrained; use this only to test the pipeline")
+    else:
+        layer_hint = None if cfg.teacher_layer == "auto" else int(cfg.teacher_layer)
+        unip.load_pretrained(teacher, cfg.teacher, upto_layer=layer_hint, verbose=master)
+    teacher.eval().requires_grad_(False)
+
+    resume = os.path.join(cfg.out, "ckpt.pt") if cfg.resume == "auto" else cfg.resume
+    if cfg.resume == "auto" and not os.path.exists(resume):
+        resume = ""
+    ckpt = unip.load_checkpoint(resume) if resume else None
+
+    if ckpt is not None:  # the layer chosen when the run started, never re-measured
+        layer = int(ckpt["config"]["teacher_layer"])
+    elif cfg.teacher_layer == "auto":
+        # Mean NMI of every layer over a few hundred training images; pick the one closest to the target.
+        n = min(cfg.nmi_images, len(dataset))
+        idx = torch.linspace(0, len(dataset) - 1, n).long().tolist()
+        teacher.to(device)
+        sums = 0
+        with torch.no_grad(), autocast:
+            for i in range(0, n, cfg.batch_size):
+                x = torch.stack([dataset[j] for j in idx[i:i + cfg.batch_size]]).to(device)
+                sums = sums + unip.layer_nmi(teacher, x).sum(1)  # (L, H)
+        head_nmi = (sums / n).cpu()
+        layer = unip.choose_layer(head_nmi.mean(1), cfg.nmi_target)
+        if ddp:  # every rank measured the same images; rank 0's choice is binding
+            box = [layer]
+            dist.broadcast_object_list(box, src=0)
+            layer = box[0]
+        say(f"{'layer':>5} {'NMI':>7}  global hybrid local   (target {cfg.nmi_target})")
+        for i, row in enumerate(head_nmi, start=1):
+            kinds = unip.classify_heads(row)
+            say(f"{i:5d} {row.mean():7.4f}  {kinds.count('global'):6d} {kinds.count('hybrid'):6d} "
+                f"{kinds.count('local'):5d}{'   <- distilled' if i == layer else ''}")
+    else:
+        layer = int(cfg.teacher_layer)
+    teacher._check_layers([layer])
+    del teacher.blocks[layer:]  # the teacher stops at the distilled layer: later blocks never run
+    teacher.to(device)
+    teacher_heads = teacher.blocks[layer - 1].attn.heads
+    say(f"distilling teacher layer {layer} ({cfg.teacher_arch}, {teacher_heads} heads)")
+
+    # ---------------------------------------------------------------- student
+    student = unip.PRESETS[cfg.model](img_size=cfg.img_size, drop_path=cfg.drop_path, last_heads=teacher_heads)
+    last = student.blocks[-1]
+    # Only q and k of the last block reach the loss: freeze what gets no gradient by construction
+    # (kept and saved, so the checkpoint is a full ViT), and DDP needs no find_unused_parameters.
+    for m in (last.attn.proj, last.norm2, last.mlp, student.norm):
+        m.requires_grad_(False)
+    student.to(device)
+    config = {**asdict(cfg), "teacher_layer": layer, "last_heads": teacher_heads}
+
+    # ---------------------------------------------------------------- optimiser and schedule
+    decay, no_decay = [], []
+    for name, p in student.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim == 1 or name.endswith(".bias") else decay).append(p)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    warmup = cfg.warmup_epochs * steps_per_epoch
+
+    def lr_at(step):  # per optimiser step: linear warm-up, then half-cycle cosine to min_lr
+        if step < warmup:
+            return lr * step / warmup
+        t = (step - warmup) / max(1, total_steps - warmup)
+        return cfg.min_lr + (lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+
+    # ---------------------------------------------------------------- compile, DDP
+    student_fn = AttentionLogits(student, len(student.blocks))
+    teacher_fn = AttentionLogits(teacher, layer)
+    if cfg.compile:
+        student_fn, teacher_fn = torch.compile(student_fn), torch.compile(teacher_fn)
+    model = DDP(student_fn, device_ids=[local_rank] if device.type == "cuda" else None) if ddp else student_fn
+
+    # ---------------------------------------------------------------- resume
+    step = 0
+    if ckpt is not None:
+        student.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        step = ckpt["step"]
+        rng = ckpt["rng"]
+        if len(rng["torch"]) == world:  # each process continues its own random stream
+            torch.set_rng_state(rng["torch"][rank])
+            if device.type == "cuda" and rng["cuda"]:
+                torch.cuda.set_rng_state(rng["cuda"][rank], device)
+        else:
+            say(f"resuming on {world} processes from a run on {len(rng['torch'])}: random streams re-seeded")
+            torch.manual_seed(cfg.seed + rank + step)
+        say(f"resumed from {resume} at step {step}")
+        del ckpt
+
+    def save(path):
+        states = [torch.get_rng_state()]
+        cuda_states = [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []
+        if ddp:  # gather every process's random state so a resume continues each stream
+            states, cuda_states = [None] * world, ([None] * world if cuda_states else [])
+            dist.all_gather_object(states, torch.get_rng_state())
+            if device.type == "cuda":
+                dist.all_gather_object(cuda_states, torch.cuda.get_rng_state(device))
+        if master:
+            unip.save_checkpoint({"model": student.state_dict(), "optimizer": optimizer.state_dict(),
+                                  "scaler": scaler.state_dict(), "step": step, "epoch": step / steps_per_epoch,
+                                  "config": config, "rng": {"torch": states, "cuda": cuda_states}}, path)
+
+    # ---------------------------------------------------------------- banner
+    say(json.dumps(config, indent=1))
+    say(f"world {world} | device {device} | amp {amp} | torch {torch.__version__} | "
+        f"batch {cfg.batch_size} x accum {accum} x world {world} = {eff_batch} | lr {lr:.3g} | "
+        f"{steps_per_epoch} steps/epoch, {total_steps} in all, stopping at {last_step}")
+    if master:
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump(config, f, indent=1)
+    ckpt_path = os.path.join(cfg.out, "ckpt.pt")
+
+    # ---------------------------------------------------------------- loop
+    model.train()
+    log = open(os.path.join(cfg.out, "log.jsonl"), "a") if master else None
+    bar = tqdm(total=last_step, initial=step, disable=not master, dynamic_ncols=True, desc="pretrain")
+    loss_sum, loss_n = torch.zeros((), device=device), 0
+    t0, t_step = time.time(), step
+
+    def check(value):  # a non-finite loss stops the run before anything else is saved
+        if not math.isfinite(value):
+            raise FloatingPointError(f"non-finite loss {value} at step {step}; the last good checkpoint "
+                                     f"is {ckpt_path if os.path.exists(ckpt_path) else 'none (none saved yet)'}")
+
+    def mean_loss():  # the only host sync: at log and save points
+        nonlocal loss_sum, loss_n
+        v = loss_sum / max(loss_n, 1)
+        if ddp:
+            dist.all_reduce(v, op=dist.ReduceOp.AVG)
+        loss_sum, loss_n = torch.zeros((), device=device), 0
+        return v.item()
+
+    while step < last_step:
+        epoch = step // steps_per_epoch
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        skip = (step % steps_per_epoch) * accum * cfg.batch_size  # resuming mid-epoch: skip what was seen
+        loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=list(sampler)[skip:], drop_last=True,
+                            num_workers=cfg.workers, pin_memory=device.type == "cuda",
+                            generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        batches = iter(loader)
+        while step < last_step and step // steps_per_epoch == epoch:
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(step)
+            for micro in range(accum):
+                x = next(batches).to(device, non_blocking=True)  # (B, 3, S, S)
+                # DDP reads no_sync during the forward: the whole micro-step sits inside it
+                with model.no_sync() if (ddp and micro < accum - 1) else nullcontext():
+                    with autocast:
+                        with torch.no_grad():
+                            target = teacher_fn(x)  # (B, H, N, N)
+                        loss = unip.distill_loss(model(x), target)
+                    scaler.scale(loss / accum).backward()
+                loss_sum += loss.detach()
+                loss_n += 1
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+
+            if step % cfg.log_every == 0 or step == last_step:
+                value = mean_loss()
+                check(value)
+                dt = time.time() - t0
+                row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": value,
+                       "lr": optimizer.param_groups[0]["lr"],
+                       "img_per_s": round((step - t_step) * eff_batch / dt, 2),
+                       "ms_per_step": round(1000 * dt / max(step - t_step, 1), 1)}
+                if device.type == "cuda":
+                    row["mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                bar.set_postfix(loss=f"{value:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['img_per_s']:.0f}")
+                if log:
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                t0, t_step = time.time(), step
+            if step % cfg.save_every == 0 or step % steps_per_epoch == 0 or step == last_step:
+                if loss_n:
+                    check(mean_loss())
+                save(ckpt_path)
+                done = step // steps_per_epoch
+                if master and cfg.keep_every and step % steps_per_epoch == 0 and done % cfg.keep_every == 0:
+                    keep = os.path.join(cfg.out, f"epoch{done}.pt")
+                    shutil.copyfile(ckpt_path, keep + ".tmp")
+                    os.replace(keep + ".tmp", keep)
+        del batches, loader
+
+    # ---------------------------------------------------------------- end
+    bar.close()
+    if log:
+        log.close()
+    say(f"done: {step} steps; student checkpoint {ckpt_path} (load it with unip.load_pretrained or train_seg.py --init)")
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
