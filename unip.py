@@ -117,11 +117,10 @@ class Attention(nn.Module):
         x = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, hd)
         return self.proj(x.transpose(1, 2).flatten(2))
 
-    def forward_with_logits(self, x):  # (B, N, D) -> (B, N, D), (B, H, N, N)
+    def forward_with_attention(self, x):  # (B, N, D) -> (B, N, D), post-softmax map (B, H, N, N)
         q, k, v = self._split(self.qkv(x), 3)
-        logits = (q @ k.transpose(-2, -1)) * self.scale
-        x = logits.softmax(dim=-1) @ v
-        return self.proj(x.transpose(1, 2).flatten(2)), logits
+        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).flatten(2)), attn
 
     def logits(self, x):  # (B, N, D) -> (B, H, N, N)
         # Only the q and k rows of qkv: distillation never needs v or proj.
@@ -163,10 +162,10 @@ class Block(nn.Module):
         x = self._residual(x, self.attn(self.norm1(x)), self.gamma_1)
         return self._residual(x, self.mlp(self.norm2(x)), self.gamma_2)
 
-    def forward_with_logits(self, x):  # (B, N, D) -> (B, N, D), (B, H, N, N)
-        y, logits = self.attn.forward_with_logits(self.norm1(x))
+    def forward_with_attention(self, x):  # (B, N, D) -> (B, N, D), (B, H, N, N)
+        y, attn = self.attn.forward_with_attention(self.norm1(x))
         x = self._residual(x, y, self.gamma_1)
-        return self._residual(x, self.mlp(self.norm2(x)), self.gamma_2), logits
+        return self._residual(x, self.mlp(self.norm2(x)), self.gamma_2), attn
 
 
 # -----------------------------------------------------------------------------
@@ -278,8 +277,7 @@ class ViT(nn.Module):
                 if i == layers[-1]:  # the last one needed: no need to finish the block
                     probs = blk.attn.logits(blk.norm1(x)).softmax(dim=-1)
                 else:
-                    x, logits = blk.forward_with_logits(x)
-                    probs = logits.softmax(dim=-1)
+                    x, probs = blk.forward_with_attention(x)
                 out[i] = probs if reduce is None else reduce(probs)
             else:
                 x = blk(x)

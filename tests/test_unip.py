@@ -85,16 +85,17 @@ def test_sdpa_path_matches_explicit_softmax_outputs_and_grads():
     assert torch.allclose(y_fast, y_ref, atol=1e-5)
     for a, b in zip(g_fast, g_ref):
         assert torch.allclose(a, b, atol=1e-4)
-    y_exp, logits = attn.forward_with_logits(x)
-    assert torch.allclose(y_exp, y_ref, atol=1e-5) and logits.shape == (2, 3, 17, 17)
+    y_exp, probs = attn.forward_with_attention(x)
+    assert torch.allclose(y_exp, y_ref, atol=1e-5) and probs.shape == (2, 3, 17, 17)
+    assert torch.allclose(probs.sum(-1), torch.ones(2, 3, 17), atol=1e-5)
 
 
 def test_block_explicit_path_equals_fast_path():
     blk = unip.Block(48, 3).eval()
     x = torch.randn(2, 17, 48)
-    y, logits = blk.forward_with_logits(x)
+    y, probs = blk.forward_with_attention(x)
     assert torch.allclose(blk(x), y, atol=1e-5)
-    assert torch.allclose(blk.attn.logits(blk.norm1(x)), logits, atol=1e-5)
+    assert torch.allclose(blk.attn.logits(blk.norm1(x)).softmax(-1), probs, atol=1e-6)
 
 
 def test_attention_logits_reproduce_attention_output():

@@ -1,0 +1,469 @@
+r"""
+Speed, memory and model-FLOP utilisation (MFU) of the steps this project runs (UNIP, ICLR 2025):
+
+  pretrain  one NMI-HAD step: teacher to layer L under no_grad + student forward/backward + AdamW,
+            students T/S/B x teachers ViT-B@9 / ViT-L@18, through the project's fast path and through
+            a NAIVE path written like the authors' code (see naive_logits); the ratio fast/naive
+  seg       one fine-tuning step at 512: ViT-S + LL-FPN + UperNet + auxiliary FCN, forward/backward/AdamW
+  slide     sliding-window inference of one 512x683 image (unip.slide_inference, window 512, stride 341)
+  nmi       unip.layer_nmi over every layer of ViT-B / ViT-L at 224
+  data      the data loader alone: SyntheticThermal (and an InfMix folder with --infrared) + PretrainTransform
+
+    python bench.py                                  # every section, CUDA if there is one
+    python bench.py --quick --device cpu             # small sizes, under a minute on 2 CPU cores
+    python bench.py --only pretrain --compile --json out.json
+
+Conventions.
+  Time: `warmup` untimed steps, then the median of `reps` timed steps (CUDA events on the GPU's stream,
+    perf_counter on the CPU). img/s = batch / median. Inputs are random tensors already on the device.
+  FLOPs: 2 per multiply-add. Pre-training: analytic (vit_flops): patch embedding, linear layers and the
+    two attention matmuls; backward = 2x forward; only what the step must run (teacher blocks 1..L-1 plus
+    q/k of block L; student blocks 1..11 plus q/k of block 12). Other sections: counted once with
+    torch.utils.flop_counter (math attention so it is counted). The naive path is charged the same useful
+    FLOPs, so its MFU shows the waste. MFU = FLOPs/s / peak (--peak-tflops, else the device's dense
+    bf16/fp16 peak; fp32 runs are compared with half of it, the TF32 peak).
+  Memory: peak minus the level before the case was built, so weights + optimiser state + activations.
+    CUDA: max_memory_allocated. CPU: peak RSS (VmHWM) after resetting it through /proc/self/clear_refs,
+    so every case is measured on its own in one process. Loader workers are other processes: not counted.
+"""
+
+import argparse
+import copy
+import ctypes
+import dataclasses
+import gc
+import inspect
+import json
+import re
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.data import DataLoader, Subset
+from torch.utils.flop_counter import FlopCounterMode
+
+import data
+import unip
+from train_pretrain import AttentionLogits
+
+
+@dataclass
+class Config:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: str = "auto"  # auto (bf16 on CUDA, none on CPU) | bf16 | fp16 | none
+    compile: bool = False  # torch.compile the fast path (pre-training wrappers, segmenter); naive stays eager
+    quick: bool = False  # small sizes for a CPU smoke run: images 64, batch 2, students T and S, 2 reps
+    only: str = "pretrain,seg,slide,nmi,data"  # sections to run, comma-separated
+    batch: int = 0  # pre-training and NMI images per step (0: 256 on CUDA, 8 on CPU, 2 with --quick)
+    seg_batch: int = 0  # fine-tuning images per step (0: 8, the recipe's total batch; 2 with --quick)
+    img: int = 0  # pre-training / NMI image size (0: 224; 64 with --quick)
+    seg_img: int = 0  # fine-tuning crop and sliding window (0: 512; 64 with --quick)
+    students: str = ""  # student presets (default: vit_tiny,vit_small,vit_base; --quick without vit_base)
+    teachers: str = "vit_base@9,vit_large@18"  # teacher preset@layer (DINO-B layer 9, MAE-L layer 18)
+    warmup: int = 0  # untimed steps per case (0: 5; 1 with --quick)
+    reps: int = 0  # timed steps per case (0: 20; 2 with --quick)
+    workers: int = -1  # data-loader worker processes (-1: 8; 2 with --quick)
+    infrared: str = ""  # also time an InfMix infrared folder (<dataset>/thermal/* or plain images)
+    cudnn_benchmark: bool = False  # torch.backends.cudnn.benchmark (train_seg.py leaves it off)
+    peak_tflops: float = 0.0  # peak for MFU in TFLOP/s (0: known from the device name, CUDA only)
+    json: str = ""  # also write the results as JSON to this file; '-' = stdout (the table goes to stderr)
+    threads: int = 0  # CPU threads for torch (0: its default; 1 with --quick: OpenMP stalls when the cores are shared)
+    seed: int = 0  # seed of the random weights and inputs
+
+
+def parse_config(argv=None):
+    # The command line is the dataclass: --seg-batch for seg_batch, help from the trailing comment.
+    helps = dict(re.findall(r"^\s+(\w+):.*?#\s*(.+)$", inspect.getsource(Config), re.M))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    choices = {"amp": ["auto", "bf16", "fp16", "none"]}
+    for f in dataclasses.fields(Config):
+        flag, h = "--" + f.name.replace("_", "-"), f"{helps.get(f.name, '')} (default: {f.default!r})"
+        if f.type is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=h)
+        else:
+            p.add_argument(flag, type=type(f.default), default=f.default, choices=choices.get(f.name), help=h)
+    return Config(**vars(p.parse_args(argv)))
+
+
+# -----------------------------------------------------------------------------
+# FLOPs (2 per multiply-add)
+
+
+def vit_flops(vit, img, upto=None):
+    """Forward FLOPs of `vit` on one img x img image. upto=None: the whole model (all blocks);
+    upto=L: what attention_logits(x, L) runs: blocks 1..L-1, then only q/k and q·kᵀ of block L
+    ('last' = the student's last block).
+    ViT-B/16 at 224, whole: 17.56 GMACs = 35.13 GFLOPs (patch 0.12 + 12 x (1.39 linear + 0.06 attention))."""
+    D, p = vit.dim, vit.patch_size
+    upto = len(vit.blocks) if upto == "last" else upto
+    n = (img // p) ** 2
+    N = n + 1  # + CLS
+    hidden = vit.blocks[0].mlp.fc1.out_features
+    patch = n * D * 3 * p * p  # the patch projection is a linear map of each 16x16x3 patch
+    block = N * D * 3 * D + 2 * N * N * D + N * D * D + 2 * N * D * hidden  # qkv, q·kᵀ and attn·v, proj, MLP
+    qk_only = N * D * 2 * D + N * N * D  # q and k rows of qkv, q·kᵀ (the same for any head count)
+    macs = patch + (len(vit.blocks) * block if upto is None else (upto - 1) * block + qk_only)
+    return 2 * macs
+
+
+def counted_flops(fn):
+    """FLOPs of running fn() once, counted by torch's flop counter (math attention, so it shows)."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+PEAK_TFLOPS = {"H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200": 989, "A100": 312}  # dense bf16/fp16
+
+
+def peak_tflops(device, amp, given):
+    if given:
+        return given
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    return peak and (peak / 2 if amp == "none" else peak)  # fp32 matmuls run as TF32: half the bf16 rate
+
+
+# -----------------------------------------------------------------------------
+# the naive path: the authors' attention with return_attention, written over unip's modules
+
+
+def naive_logits(vit, x, layer):
+    """Pre-softmax logits of block `layer` the way the reference code gets them: explicit attention
+    softmax(q·kᵀ)·v in every block, q·kᵀ computed a second time for the returned logits, and the
+    whole block `layer` run (v, proj, MLP) although only its logits are used. Same values as
+    vit.attention_logits(x, layer): (B, H, N, N)."""
+    x = vit.prepare_tokens(x)
+    for i, blk in enumerate(vit.blocks[:layer], start=1):
+        a = blk.attn
+        q, k, v = a._split(a.qkv(blk.norm1(x)), 3)  # (B, H, N, hd) each
+        attn = (q @ k.transpose(-2, -1)) * a.scale  # (B, H, N, N)
+        if i == layer:
+            logits = (q @ k.transpose(-2, -1)) * a.scale  # the reference's `qk`: the same product again
+        y = a.proj((attn.softmax(dim=-1) @ v).transpose(1, 2).flatten(2))
+        x = blk._residual(x, y, blk.gamma_1)
+        x = blk._residual(x, blk.mlp(blk.norm2(x)), blk.gamma_2)
+    return logits
+
+
+# -----------------------------------------------------------------------------
+# timing and memory
+
+
+def clone(model, device, depth=None):
+    """A fresh copy of `model` on `device`, with only its first `depth` blocks if given. Every case copies
+    one prototype: initialising a ViT-L on a CPU takes seconds, copying it a fraction of a second."""
+    blocks = model.blocks if depth else None
+    if depth:
+        model.blocks = blocks[:depth]  # the copy gets only these
+    try:
+        return copy.deepcopy(model).to(device)
+    finally:
+        if depth:
+            model.blocks = blocks
+
+
+def _proc_status_kb(field):  # VmRSS / VmHWM of this process, in kB
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith(field)).split()[1])
+
+
+def memory_mark(device):
+    """Free what can be freed and start a new peak; returns the current level (bytes) or None."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    try:
+        ctypes.CDLL(None).malloc_trim(0)  # glibc: hand freed heap back, so the next peak starts low
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux >= 4.0: reset VmHWM (peak RSS) to the current RSS
+        return _proc_status_kb("VmRSS") * 1024
+    except OSError:
+        return None  # no per-case CPU peak on this system
+
+
+def memory_peak(device, mark):
+    if mark is None:
+        return None
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _proc_status_kb("VmHWM") * 1024
+    return peak - mark
+
+
+def measure(build, device, warmup, reps):
+    """build() makes the models and returns step(); its memory counts. -> (median s/step, peak bytes)."""
+    mark = memory_mark(device)
+    step = build()
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":  # events on the stream: no host sync inside the timed loop
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        torch.cuda.synchronize(device)
+        for start, end in events:
+            start.record()
+            step()
+            end.record()
+        torch.cuda.synchronize(device)
+        times = [start.elapsed_time(end) / 1e3 for start, end in events]
+    else:
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t)
+    peak = memory_peak(device, mark)
+    del step
+    return statistics.median(times), peak
+
+
+def time_loader(dataset, batch, workers):
+    """Seconds per batch of a DataLoader in steady state: the first wave of batches (one per worker, all
+    started together) is untimed, then 3 more waves are timed."""
+    wave = max(workers, 1)
+    loader = DataLoader(dataset, batch_size=batch, num_workers=workers, drop_last=True,
+                        generator=torch.Generator().manual_seed(0))
+    it = iter(loader)
+    for _ in range(wave):
+        next(it)
+    t = time.perf_counter()
+    for _ in range(3 * wave):
+        next(it)
+    dt = (time.perf_counter() - t) / (3 * wave)
+    del it
+    return dt
+
+
+def markdown(rows):
+    cols = ["section", "case", "path", "batch", "img/s", "ms/step", "peak GB", "GFLOP/img", "TFLOP/s", "MFU %",
+            "fast/naive"]
+    keys = ["section", "case", "path", "batch", "img_per_s", "ms_per_step", "mem_gb", "gflop_per_img", "tflops",
+            "mfu_pct", "speedup"]
+    fmt = lambda v: "" if v is None else f"{v:.3g}" if isinstance(v, float) and abs(v) < 100 else \
+        f"{v:.0f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    # ---------------------------------------------------------------- config
+    cfg = parse_config(argv)
+    q = cfg.quick
+    img, seg_img = cfg.img or (64 if q else 224), cfg.seg_img or (64 if q else 512)
+    warmup, reps = cfg.warmup or (1 if q else 5), cfg.reps or (2 if q else 20)
+    workers = cfg.workers if cfg.workers >= 0 else (2 if q else 8)
+    students = (cfg.students or ("vit_tiny,vit_small" if q else "vit_tiny,vit_small,vit_base")).split(",")
+    teachers = [(arch, int(layer)) for arch, layer in (t.split("@") for t in cfg.teachers.split(","))]
+    sections = set(cfg.only.split(","))
+    if sections - {"pretrain", "seg", "slide", "nmi", "data"}:
+        raise SystemExit(f"--only: unknown sections {sorted(sections - {'pretrain', 'seg', 'slide', 'nmi', 'data'})}")
+    out = sys.stderr if cfg.json == "-" else sys.stdout  # with --json -, stdout carries the JSON alone
+    say = lambda *a: print(*a, file=out, flush=True)
+
+    # ---------------------------------------------------------------- device, precision
+    device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
+    if cfg.threads or (q and not cuda):
+        torch.set_num_threads(cfg.threads or 1)
+    batch = cfg.batch or (256 if cuda else 2 if q else 8)
+    seg_batch = cfg.seg_batch or (2 if q else 8)
+    amp = cfg.amp if cfg.amp != "auto" else ("bf16" if cuda else "none")
+    autocast = lambda: torch.autocast(device.type, torch.float16 if amp == "fp16" else torch.bfloat16,
+                                      enabled=amp != "none")
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train_pretrain.py
+        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+    peak = peak_tflops(device, amp, cfg.peak_tflops)
+    dev_name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    say(json.dumps(asdict(cfg), indent=1))
+    say(f"device {dev_name} | torch {torch.__version__} | amp {amp} | compile {cfg.compile} | peak "
+        f"{peak or '?'} TFLOP/s | batch {batch} @ {img}px, seg {seg_batch} @ {seg_img}px | warm-up {warmup}, reps {reps}")
+    rows = []
+
+    def add(section, case, path, n, seconds, mem, flops_per_img=None, **extra):
+        row = {"section": section, "case": case, "path": path, "batch": n, "img_per_s": n / seconds,
+               "ms_per_step": 1e3 * seconds, "mem_gb": None if mem is None else mem / 2**30,
+               "gflop_per_img": flops_per_img and flops_per_img / 1e9, "tflops": None, "mfu_pct": None, **extra}
+        if flops_per_img:
+            row["tflops"] = flops_per_img * n / seconds / 1e12
+            row["mfu_pct"] = peak and 100 * row["tflops"] / peak
+        rows.append(row)
+        say(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if v is not None))
+        return row
+
+    protos = {}
+
+    def proto(arch, **kw):  # one CPU prototype per configuration, built before its cases are measured
+        key = (arch, *sorted(kw.items()))
+        if key not in protos:
+            torch.manual_seed(cfg.seed)
+            protos[key] = unip.PRESETS[arch](**kw)
+        return protos[key]
+
+    # ---------------------------------------------------------------- pre-training: NMI-HAD step, fast and naive
+    def pretrain_step(t_proto, s_proto, layer, naive, compiled=cfg.compile):
+        teacher = clone(t_proto, device, depth=layer).eval().requires_grad_(False)  # stops at the distilled layer
+        student = clone(s_proto, device).train()
+        depth = len(student.blocks)
+        if naive:  # the reference: explicit attention everywhere, nothing frozen, AdamW not fused
+            student_fn = lambda x: naive_logits(student, x, depth)
+            teacher_fn = lambda x: naive_logits(teacher, x, layer)
+        else:  # train_pretrain.py: freeze what gets no gradient, logits-only wrappers, fused AdamW on CUDA
+            last = student.blocks[-1]
+            for m in (last.attn.proj, last.norm2, last.mlp, student.norm):
+                m.requires_grad_(False)
+            student_fn, teacher_fn = AttentionLogits(student, depth), AttentionLogits(teacher, layer)
+            if compiled:  # a fresh start per case: 12 wrappers would pass dynamo's recompile limit (8)
+                torch._dynamo.reset()
+                student_fn, teacher_fn = torch.compile(student_fn), torch.compile(teacher_fn)
+        params = [p for p in student.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1], "weight_decay": 0.05},
+                                 {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
+                                lr=1e-4, betas=(0.9, 0.95), fused=cuda and not naive)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+        x = torch.randn(batch, 3, img, img, device=device)
+
+        def step():
+            with autocast():
+                with torch.no_grad():
+                    target = teacher_fn(x)  # (B, H, N, N)
+                loss = unip.distill_loss(student_fn(x), target)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    if "pretrain" in sections:
+        for teacher_arch, layer in teachers:
+            for student_arch in students:
+                t_proto = proto(teacher_arch, img_size=img)
+                heads = t_proto.blocks[layer - 1].attn.heads  # the student's last block gets the teacher's heads
+                s_proto = proto(student_arch, img_size=img, drop_path=0.1, last_heads=heads)
+                # analytic model FLOPs per image: teacher forward + student forward and backward (= 2x forward)
+                flops = vit_flops(t_proto, img, layer) + 3 * vit_flops(s_proto, img, "last")
+                if not rows:  # one untimed step first, so that the first case does not also pay the process's
+                    pretrain_step(t_proto, s_proto, layer, False, compiled=False)()  # one-time costs (pages, workspaces)
+                sec, mem = {}, {}
+                for path in ("fast", "naive"):
+                    sec[path], mem[path] = measure(lambda: pretrain_step(t_proto, s_proto, layer, path == "naive"),
+                                                   device, warmup, reps)
+                case = f"{student_arch} <- {teacher_arch}@{layer}"
+                add("pretrain", case, "fast", batch, sec["fast"], mem["fast"], flops, speedup=sec["naive"] / sec["fast"])
+                add("pretrain", case, "naive", batch, sec["naive"], mem["naive"], flops)
+
+    # ---------------------------------------------------------------- fine-tuning step: ViT-S + LL-FPN + UperNet
+    num_classes = 21  # SODA
+    if "seg" in sections or "slide" in sections:
+        torch.manual_seed(cfg.seed)
+        backbone = unip.vit_small(img_size=seg_img, drop_path=0.1, drop_path_schedule="linear")
+        seg_proto = unip.Segmenter(backbone, num_classes)  # LL-FPN + UperNet + auxiliary FCN head
+
+    def seg_loss(logits, y):  # as train_seg.py: cross-entropy of the logits upsampled to the label
+        logits = F.interpolate(logits.float(), size=y.shape[-2:], mode="bilinear", align_corners=False)
+        return F.cross_entropy(logits, y, ignore_index=255)
+
+    def seg_step(n, optimise=True):
+        seg = clone(seg_proto, device).train()
+        model = torch.compile(seg) if (cfg.compile and optimise) else seg
+        opt = torch.optim.AdamW(unip.layer_decay_groups(seg), lr=1e-4, betas=(0.9, 0.999), fused=cuda)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+        x = torch.randn(n, 3, seg_img, seg_img, device=device)
+        y = torch.randint(0, num_classes, (n, seg_img, seg_img), device=device)
+
+        def step():
+            with autocast():
+                out, aux = model(x)  # (B, K, S/4, S/4), (B, K, S/16, S/16)
+            loss = seg_loss(out, y) + 0.4 * seg_loss(aux, y)
+            scaler.scale(loss).backward()
+            if optimise:
+                scaler.step(opt)
+                scaler.update()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    if "seg" in sections:
+        flops = counted_flops(seg_step(2, optimise=False)) / 2  # counted on 2 images: BatchNorm needs more than 1
+        sec, mem = measure(lambda: seg_step(seg_batch), device, warmup, reps)
+        add("seg", f"vit_small LL-FPN UperNet {seg_img}px", "fast", seg_batch, sec, mem, flops)
+
+    # ---------------------------------------------------------------- sliding-window inference
+    if "slide" in sections:
+        H, W, stride = seg_img, round(seg_img * 683 / 512), seg_img * 2 // 3  # 512x683: two windows, stride 341
+
+        def slide_step():
+            seg = clone(seg_proto, device).eval()
+            x = torch.randn(1, 3, H, W, device=device)
+
+            def step():
+                with autocast():
+                    unip.slide_inference(seg, x, num_classes, seg_img, stride)  # (1, K, H, W)
+            return step
+        flops = counted_flops(slide_step())
+        sec, mem = measure(slide_step, device, warmup, reps)
+        add("slide", f"vit_small {H}x{W}, window {seg_img}/{stride}", "fast", 1, sec, mem, flops)
+
+    # ---------------------------------------------------------------- NMI analysis: every layer, every head
+    def nmi_step(vit_proto, n):
+        vit = clone(vit_proto, device).eval()
+        x = torch.randn(n, 3, img, img, device=device)
+
+        def step():
+            with autocast():
+                unip.layer_nmi(vit, x)  # (L, B, H)
+        return step
+
+    if "nmi" in sections:
+        for arch in ("vit_base", "vit_large"):
+            vit_proto = proto(arch, img_size=img)
+            flops = counted_flops(nmi_step(vit_proto, 1))
+            sec, mem = measure(lambda: nmi_step(vit_proto, batch), device, warmup, reps)
+            add("nmi", f"{arch} all layers {img}px", "fast", batch, sec, mem, flops)
+    protos.clear()
+
+    # ---------------------------------------------------------------- data loader alone
+    if "data" in sections:
+        data_batch = 4 if q else 32
+        n = 4 * max(workers, 1) * data_batch  # enough for the untimed wave and three timed ones
+        tf = data.PretrainTransform(img)
+        sets = [("SyntheticThermal 256x320", data.SyntheticThermal("train", num_images=n, transform=tf, seed=cfg.seed))]
+        if cfg.infrared:
+            mix = data.InfMix(infrared=cfg.infrared, transform=tf, seed=cfg.seed)
+            sets.append((f"InfMix {cfg.infrared}", Subset(mix, range(min(n, len(mix))))))
+        for name, ds in sets:
+            if len(ds) < n:
+                say(f"data: {name} has {len(ds)} images, fewer than the {n} needed; skipped")
+                continue
+            dt = time_loader(ds, data_batch, workers)
+            add("data", f"{name} -> {img}px, {workers} workers", "loader", data_batch, dt, None)
+
+    # ---------------------------------------------------------------- report
+    table = markdown(rows)
+    say("\n" + table)
+    if cfg.json:
+        result = {"device": dev_name, "torch": torch.__version__, "amp": amp, "peak_tflops": peak,
+                  "config": asdict(cfg), "rows": rows}
+        if cfg.json == "-":
+            print(json.dumps(result, indent=1))
+        else:
+            with open(cfg.json, "w") as f:
+                json.dump(result, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
