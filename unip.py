@@ -23,7 +23,7 @@ Contents, in reading order:
   6. checkpoints        load_checkpoint, load_pretrained (MAE, DINO, iBOT, DeiT, UNIP)
   7. segmentation       LL-FPN, UperNet, FCN auxiliary head, linear probes,
                         layer-wise lr decay, sliding-window inference, mIoU
-  8. size presets       vit_tiny, vit_small, vit_base, vit_large
+  8. size presets       vit_tiny, vit_small, vit_base, vit_large (+ vit_micro for CPU demos)
 
 Shapes: B batch, N tokens (1 + h*w, CLS first), D width, H heads, h/w patch grid.
 Importing this module only defines things.
@@ -451,6 +451,7 @@ def load_pretrained(model, source, upto_layer=None, verbose=True):
     checkpoint (a teacher cut at its distilled layer) ignores the deeper blocks.
     With `upto_layer` = L, the blocks after L and the final norm may be absent
     from the checkpoint: a teacher that stops at layer L never runs them.
+    Layer-scale factors (`gamma_1/2`) absent from the checkpoint keep their init.
     Returns a report dict: loaded, ignored, resampled.
     """
     from_file = isinstance(source, (str, bytes)) or hasattr(source, "__fspath__")
@@ -490,7 +491,8 @@ def load_pretrained(model, source, upto_layer=None, verbose=True):
 
     # A model cut shorter than the checkpoint, or one told it stops at `upto_layer`, never runs `norm`.
     cut = upto_layer is not None or any((block_of(k) or 0) >= depth for k in report["ignored"])
-    optional = lambda k: cut and (k.startswith("norm.") or (upto_layer is not None and (block_of(k) or -1) >= upto_layer))
+    optional = lambda k: (".gamma_" in k  # layer scale added at fine-tuning: keeps its init
+                          or cut and (k.startswith("norm.") or (upto_layer is not None and (block_of(k) or -1) >= upto_layer)))
     missing = [k for k in own if k not in new and not optional(k)]
     wrong = [f"{k}: checkpoint {tuple(new[k].shape)} vs model {tuple(own[k].shape)}"
              for k in new if new[k].shape != own[k].shape]
@@ -585,13 +587,19 @@ class FCNHead(nn.Module):
         return self.classifier(self.dropout(self.conv(x)))
 
 
+def multi_layers(depth):
+    """Blocks of the multi-layer pyramid and the linear probe: 4, 6, 8, 12 of 12
+    (1-based), scaled to other depths (8, 12, 16, 24 for ViT-L)."""
+    return tuple(depth * k // 12 for k in (4, 6, 8, 12))
+
+
 class Segmenter(nn.Module):
     """A ViT backbone with one of the paper's segmentation heads.
 
     mode 'finetune': pyramid + UperNet (+ FCN auxiliary head); `layers` picks
         the blocks feeding the pyramid: (depth,)*4 is LL-FPN (default),
-        (4, 6, 8, 12) the multi-layer baseline.
-    mode 'linear': frozen backbone; blocks (4, 6, 8, 12) (or `layers`),
+        multi_layers(depth) the multi-layer baseline (4, 6, 8, 12 of 12).
+    mode 'linear': frozen backbone; blocks multi_layers(depth) (or `layers`),
         resized to the first map's size and concatenated -> one 1x1 conv.
     mode 'layer-linear': frozen backbone; one block (`layers`=(n,)) -> 1x1 conv.
     forward returns (logits at stride 4 or 16, auxiliary logits or None).
@@ -609,7 +617,7 @@ class Segmenter(nn.Module):
             self.head = UperHead(dim, dim, num_classes)
             self.aux_head = FCNHead(dim, num_classes) if aux else None
         elif mode in ("linear", "layer-linear"):
-            default = (4, 6, 8, 12) if mode == "linear" else (depth,)
+            default = multi_layers(depth) if mode == "linear" else (depth,)
             self.layers = tuple(layers or default)
             if mode == "layer-linear" and len(self.layers) != 1:
                 raise ValueError("layer-linear probing takes exactly one layer")
@@ -727,4 +735,10 @@ def vit_large(img_size=224, drop_path=0.0, last_heads=None, **kw):
     return ViT(img_size, dim=1024, depth=24, heads=16, last_heads=last_heads, drop_path=drop_path, **kw)
 
 
-PRESETS = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base, "vit_large": vit_large}
+def vit_micro(img_size=224, drop_path=0.0, last_heads=None, **kw):
+    """Not from the paper: a student small enough to pre-train and fine-tune on a CPU (demo.py)."""
+    return ViT(img_size, dim=96, depth=6, heads=3, last_heads=last_heads, drop_path=drop_path, **kw)
+
+
+PRESETS = {"vit_micro": vit_micro, "vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base,
+           "vit_large": vit_large}

@@ -37,7 +37,7 @@ def test_vit_small_parameter_count_and_keys():
 
 
 @pytest.mark.parametrize("preset,dim,heads,depth", [
-    ("vit_tiny", 192, 3, 12), ("vit_small", 384, 6, 12), ("vit_base", 768, 12, 12), ("vit_large", 1024, 16, 24)])
+    ("vit_micro", 96, 3, 6), ("vit_tiny", 192, 3, 12), ("vit_small", 384, 6, 12), ("vit_base", 768, 12, 12), ("vit_large", 1024, 16, 24)])
 def test_presets(preset, dim, heads, depth):
     m = unip.PRESETS[preset](img_size=32)
     assert (m.dim, m.heads, len(m.blocks), m.blocks[-1].attn.heads) == (dim, heads, depth, heads)
@@ -467,3 +467,18 @@ def test_load_checkpoint_never_falls_back_to_full_unpickling(tmp_path):
         unip.load_checkpoint(str(path))
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         unip.load_checkpoint(str(tmp_path / "nope.pth"))
+
+
+def test_layer_scale_gammas_absent_from_checkpoint_keep_their_init():
+    sd = tiny_vit().state_dict()
+    m = tiny_vit(layer_scale=1.0)
+    report = unip.load_pretrained(m, sd, verbose=False)
+    assert "blocks.0.gamma_1" not in report["loaded"]
+    assert torch.equal(m.blocks[0].gamma_1, torch.ones(48))
+
+
+def test_multi_layers_scale_with_depth():
+    assert unip.multi_layers(12) == (4, 6, 8, 12)
+    assert unip.multi_layers(24) == (8, 12, 16, 24)
+    seg = unip.Segmenter(unip.vit_large(img_size=32), 5, mode="linear")
+    assert seg.layers == (8, 12, 16, 24)

@@ -1,0 +1,306 @@
+"""Tests of the segmentation side: unip.py §7 (LL-FPN, UperNet, probes, layer decay, sliding window, mIoU)
+and train_seg.py (schedule, loss, 2-step runs of every mode, --init, resume, torchrun, a real folder set).
+CPU only. UNIP_SAMPLE_DATA=/path/to/shared/data enables the test on real thermal images."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train_seg  # noqa: E402
+import unip  # noqa: E402
+
+# tiny runs: vit_tiny at 64 px (4x4 patches), batch 2, one evaluation image
+SMALL = ["--crop", "64", "--batch-size", "2", "--eval-images", "1", "--workers", "0", "--log-every", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny tensors gain nothing from threads, and on a busy machine idle OpenMP threads spin-wait for seconds
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run(*args, ok=True, cmd=None):
+    cmd = cmd or [sys.executable, str(ROOT / "train_seg.py")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd + [str(a) for a in args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if ok:
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def rows(out):
+    return [json.loads(line) for line in open(out / "log.jsonl")]
+
+
+def tiny_seg(mode="finetune", img=64, **kw):
+    return unip.Segmenter(unip.vit_tiny(img_size=img), num_classes=5, mode=mode, **kw)
+
+
+# ----------------------------------------------------------------------------- pyramid and heads
+
+
+@pytest.mark.parametrize("preset,dim", [("vit_tiny", 192), ("vit_small", 384), ("vit_base", 768)])
+def test_llfpn_strides_and_channels_on_last_block(preset, dim):
+    vit = unip.PRESETS[preset](img_size=64).eval()
+    x = torch.randn(2, 3, 64, 96)
+    last = vit.features(x, [12])[0]  # (B, D, 4, 6): stride 16
+    with torch.no_grad():  # the last block's output, patch tokens, no final norm
+        t = vit.prepare_tokens(x)
+        for blk in vit.blocks:
+            t = blk(t)
+        assert torch.allclose(last, t[:, 1:].transpose(1, 2).reshape(2, dim, 4, 6), atol=1e-5)
+        pyr = unip.LLFPN(dim).eval()([last] * 4)
+    assert [tuple(p.shape) for p in pyr] == [(2, dim, 64 // s, 96 // s) for s in (4, 8, 16, 32)]
+    assert torch.equal(pyr[2], last)  # stride 16 is the map itself
+    assert torch.equal(pyr[3], F.max_pool2d(last, 2))
+
+
+def test_segmenter_pyramid_layers():
+    assert tiny_seg().layers == (12,) * 4  # LL-FPN: the last block, four times
+    assert tiny_seg(layers=(4, 6, 8, 12)).layers == (4, 6, 8, 12)  # multi-layer baseline
+    assert tiny_seg("linear").layers == (4, 6, 8, 12)
+    assert tiny_seg("layer-linear").layers == (12,)
+    with pytest.raises(ValueError, match="out of range"):
+        tiny_seg("layer-linear", layers=(13,))
+
+
+def test_uperhead_and_aux_shapes_and_upsampling_to_the_label():
+    seg = tiny_seg()
+    x, y = torch.randn(2, 3, 64, 96), torch.randint(0, 5, (2, 64, 96))
+    out, aux = seg.train()(x)
+    assert out.shape == (2, 5, 16, 24) and aux.shape == (2, 5, 4, 6)  # stride 4 and stride 16
+    assert seg.head.classifier.in_channels == 192 and seg.aux_head.classifier.in_channels == 256  # channels = D, 256
+    assert [p[0].output_size for p in seg.head.ppm] == [1, 2, 3, 6]
+    up = F.interpolate(out, size=y.shape[-2:], mode="bilinear", align_corners=False)
+    assert up.shape == (2, 5, 64, 96)
+    assert torch.allclose(train_seg.seg_loss(out, y), F.cross_entropy(up, y))
+    out, aux = seg.eval()(x)
+    assert aux is None and out.shape == (2, 5, 16, 24)
+
+
+def test_seg_loss_ignores_255_and_averages_over_all_pixels():
+    logits = torch.randn(1, 3, 4, 4)
+    y = torch.randint(0, 3, (1, 8, 8))
+    y[0, :4] = 255
+    full = F.cross_entropy(F.interpolate(logits, (8, 8), mode="bilinear"), y, ignore_index=255, reduction="none")
+    assert torch.allclose(train_seg.seg_loss(logits, y), full.sum() / 64)  # mmseg 0.11: ignored pixels count 0
+    assert train_seg.seg_loss(logits, torch.full((1, 8, 8), 255)).item() == 0.0  # not NaN
+
+
+def test_poly_schedule_with_warmup():
+    base, T, W = 1e-4, 100, 10
+    lr = [train_seg.poly_lr(s, base, T, W) for s in range(T + 1)]
+    assert math.isclose(lr[0], base * 1e-6)
+    for s in range(T + 1):  # mmseg: poly (power 1) times the linear warm-up factor
+        k = (1 - s / W) * (1 - 1e-6) if s < W else 0.0
+        assert math.isclose(lr[s], base * (1 - s / T) * (1 - k), rel_tol=1e-12, abs_tol=1e-20)
+    assert math.isclose(lr[W], base * 0.9) and lr[T] == 0.0
+    assert all(a > b for a, b in zip(lr[W:], lr[W + 1:]))
+
+
+def test_layer_decay_groups_match_the_recipe():
+    seg = tiny_seg()
+    seg.backbone.pos_embed.requires_grad_(True)  # trained when fine-tuning, as train_seg.py does
+    groups = unip.layer_decay_groups(seg, weight_decay=0.05, layer_decay=0.85)
+    scale, wd = {}, {}
+    for g in groups:
+        for n in g["names"]:
+            assert n not in scale, f"{n} in two groups"
+            scale[n], wd[n] = g["lr_scale"], g["weight_decay"]
+    trainable = {n for n, p in seg.named_parameters() if p.requires_grad}
+    assert set(scale) == trainable and not any(n.startswith("backbone.norm.") for n in scale)
+    for n in ("backbone.patch_embed.proj.weight", "backbone.cls_token", "backbone.pos_embed"):
+        assert math.isclose(scale[n], 0.85 ** 13)  # embeddings: 0.85^(depth+1)
+    assert math.isclose(scale["backbone.blocks.0.attn.qkv.weight"], 0.85 ** 12)
+    assert math.isclose(scale["backbone.blocks.11.mlp.fc1.weight"], 0.85)  # last block
+    for n in ("pyramid.fpn1.0.weight", "head.classifier.weight", "aux_head.conv.0.weight"):
+        assert scale[n] == 1.0  # heads
+    for n, p in seg.named_parameters():
+        if n in wd:
+            no_wd = p.ndim == 1 or n.endswith((".bias", "pos_embed", "cls_token"))
+            assert wd[n] == (0.0 if no_wd else 0.05), n
+    assert wd["backbone.blocks.3.attn.qkv.weight"] == 0.05 and wd["backbone.blocks.3.norm1.weight"] == 0.0
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def test_miou_on_a_hand_made_case():
+    label = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 1]])
+    pred = torch.tensor([[0, 1, 1, 1], [2, 0, 2, 3]])
+    conf = unip.confusion_matrix(pred, label, num_classes=4)
+    expect = torch.tensor([[1, 1, 0, 0], [0, 2, 0, 1], [1, 0, 1, 0], [0, 0, 0, 0]])
+    assert torch.equal(conf, expect)  # rows = truth, columns = prediction; the 255 pixel is skipped
+    iou = unip.iou_from_confusion(conf)
+    # class 0: TP 1, FP 1, FN 1 -> 1/3; class 1: TP 2, FP 1, FN 1 -> 1/2; class 2: 1/(1+0+1); class 3: 0/1
+    assert torch.allclose(iou, torch.tensor([1 / 3, 1 / 2, 1 / 2, 0.0], dtype=torch.float64))
+    assert math.isclose(unip.mean_iou(conf), (1 / 3 + 1 / 2 + 1 / 2 + 0) / 4)
+    conf5 = unip.confusion_matrix(pred, label, num_classes=5)  # class 4 in neither: NaN, left out of the mean
+    assert math.isnan(unip.iou_from_confusion(conf5)[4].item())
+    assert math.isclose(unip.mean_iou(conf5), unip.mean_iou(conf))
+
+
+def test_slide_inference_single_window_equals_whole_image():
+    seg = tiny_seg().eval()
+    for H, W in [(64, 64), (48, 64)]:
+        img = torch.randn(1, 3, H, W)
+        whole = F.interpolate(seg(img)[0], size=(H, W), mode="bilinear", align_corners=False)
+        assert torch.allclose(unip.slide_inference(seg, img, 5, crop=64, stride=43), whole, atol=1e-5)
+
+
+@pytest.mark.parametrize("H,W,crop,stride", [(100, 77, 32, 21), (131, 70, 64, 43), (33, 97, 32, 31), (20, 50, 32, 21)])
+def test_slide_inference_covers_every_pixel_at_odd_sizes(H, W, crop, stride):
+    img = torch.randn(2, 3, H, W)
+    calls = []
+
+    def identity(x):  # logits = the window itself: the average of the windows must give back the image
+        calls.append(tuple(x.shape[-2:]))
+        return x, None
+
+    out = unip.slide_inference(identity, img, 3, crop=crop, stride=stride)
+    assert torch.allclose(out, img, atol=1e-6)  # every pixel covered (else NaN) and every window in place
+    ones = unip.slide_inference(lambda x: (torch.ones(x.shape[0], 4, x.shape[2] // 4, x.shape[3] // 4), None),
+                                img, 4, crop=crop, stride=stride)
+    assert torch.isfinite(ones).all() and torch.allclose(ones, torch.ones_like(ones))
+    ch, cw = min(crop, H), min(crop, W)
+    n = lambda L, c: max(L - c + stride - 1, 0) // stride + 1
+    assert len(calls) == n(H, ch) * n(W, cw) and set(calls) == {(ch, cw)}
+
+
+@pytest.mark.parametrize("mode", ["linear", "layer-linear"])
+def test_linear_probe_leaves_the_backbone_unchanged(mode):
+    seg = tiny_seg(mode)
+    before = {k: v.clone() for k, v in seg.backbone.state_dict().items()}
+    head0 = seg.head.weight.detach().clone()
+    opt = torch.optim.AdamW(unip.layer_decay_groups(seg, 0.05, 1.0), lr=1e-2)
+    assert all(g["lr_scale"] == 1.0 for g in opt.param_groups)
+    seg.train()
+    assert not seg.backbone.training  # frozen backbone: no stochastic depth
+    for _ in range(3):
+        out, aux = seg(torch.randn(2, 3, 64, 64))
+        loss = train_seg.seg_loss(out, torch.randint(0, 5, (2, 64, 64)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert aux is None and out.shape == (2, 5, 4, 4)  # stride 16
+    assert all(torch.equal(before[k], v) for k, v in seg.backbone.state_dict().items())
+    assert not torch.equal(head0, seg.head.weight)
+
+
+# ----------------------------------------------------------------------------- train_seg.py runs
+
+
+def test_config_cli():
+    cfg = train_seg.parse_config(["--batch-size", "3", "--keep-distilled-heads", "--label-map", "255:1"])
+    assert cfg.batch_size == 3 and cfg.keep_distilled_heads and cfg.label_map == "255:1" and cfg.lr == 1e-4
+    assert train_seg.parse_config([]) == train_seg.Config()
+
+
+@pytest.fixture(scope="module")
+def pretrain_ckpt(tmp_path_factory):
+    """A train_pretrain.py-style checkpoint: a vit_tiny student at 32 px with a 16-head last block."""
+    torch.manual_seed(1)
+    vit = unip.vit_tiny(img_size=32, last_heads=16)
+    path = tmp_path_factory.mktemp("init") / "student.pt"
+    unip.save_checkpoint({"model": vit.state_dict(), "optimizer": {}, "epoch": 99,
+                          "config": {"model": "vit_tiny", "last_heads": 16, "img_size": 32}}, path)
+    return path, vit.state_dict()
+
+
+def test_finetune_from_init_with_distilled_heads_and_layer_scale(tmp_path, pretrain_ckpt):
+    path, sd = pretrain_ckpt
+    p = run("--out", tmp_path, "--steps", 2, *SMALL, "--workers", 1, "--init", path, "--keep-distilled-heads",
+            "--layer-scale", 1.0)
+    n = len(sd)
+    assert f"loaded {n} tensors (pos_embed 2x2 -> 4x4)" in p.stdout  # every backbone key
+    assert "kept at init: blocks.N.gamma_1, blocks.N.gamma_2" in p.stdout and "last block 16 heads" in p.stdout
+    ck = unip.load_checkpoint(tmp_path / "ckpt.pt")
+    assert ck["step"] == 2 and ck["config"]["mode"] == "finetune" and "backbone.blocks.0.gamma_1" in ck["model"]
+    assert ck["model"]["backbone.pos_embed"].shape == (1, 17, 192)
+    assert any("miou" in r and set(r["iou"]) == set(ck["classes"]) for r in rows(tmp_path))
+    assert (tmp_path / "best.pt").exists() and list(tmp_path.glob("pred_*.png"))
+    p = run("--out", tmp_path, *SMALL, "--layer-scale", 1.0, "--keep-distilled-heads", "--init", path,
+            "--resume", tmp_path / "best.pt", "--eval-only")
+    assert "mIoU" in p.stdout and sum("miou" in r for r in rows(tmp_path)) == 2
+    p = run("--out", tmp_path, *SMALL, "--resume", tmp_path / "best.pt", "--eval-only", ok=False)
+    assert p.returncode != 0 and "16 heads in the last block, this model 3" in p.stderr  # a silent mismatch otherwise
+
+
+@pytest.mark.parametrize("mode,extra,head_in", [("linear", [], 4 * 192), ("layer-linear", ["--layer", 6], 192)])
+def test_linear_runs_keep_the_pretrained_backbone(tmp_path, pretrain_ckpt, mode, extra, head_in):
+    path, sd = pretrain_ckpt
+    p = run("--out", tmp_path, "--steps", 2, *SMALL, "--init", path, "--mode", mode, *extra)
+    assert "last block 3 heads" in p.stdout  # default: the distilled block re-split into the preset's heads
+    ck = unip.load_checkpoint(tmp_path / "ckpt.pt")
+    assert ck["model"]["head.weight"].shape == (8, head_in, 1, 1)
+    for k, v in sd.items():
+        want = unip.resample_pos_embed(v, (4, 4)) if k == "pos_embed" else v
+        assert torch.equal(ck["model"]["backbone." + k], want), k
+    assert any("miou" in r for r in rows(tmp_path))
+
+
+def test_resume_continues_exactly(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    # drop_path 0.1 and Dropout2d draw from the global RNG: it must be restored; the multi-layer pyramid here
+    args = ["--iters", 4, "--pyramid", "multi", *SMALL]
+    run("--out", a, "--steps", 2, *args)
+    assert unip.load_checkpoint(a / "ckpt.pt")["step"] == 2
+    # a diverging continuation (lr 1e38: NaN by step 4) raises and names the last good checkpoint, left as it was
+    p = run("--out", tmp_path / "nan", "--resume", a / "ckpt.pt", "--lr", 1e38, *args, ok=False)
+    assert "FloatingPointError: non-finite loss at step" in p.stderr and f"last good checkpoint: {a / 'ckpt.pt'}" in p.stderr
+    assert not (tmp_path / "nan" / "ckpt.pt").exists() and unip.load_checkpoint(a / "ckpt.pt")["step"] == 2
+    p = run("--out", a, "--resume", "auto", *args)
+    assert "resumed from" in p.stdout and "finetune on blocks (4, 6, 8, 12)" in p.stdout
+    run("--out", b, *args)
+    wa, wb = unip.load_checkpoint(a / "ckpt.pt"), unip.load_checkpoint(b / "ckpt.pt")
+    assert wa["step"] == wb["step"] == 4
+    for k in wb["model"]:
+        assert torch.equal(wa["model"][k], wb["model"][k]), k
+    assert [r["loss"] for r in rows(a) if "loss" in r] == [r["loss"] for r in rows(b) if "loss" in r]
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
+def test_torchrun_two_processes_gloo(tmp_path):
+    torchrun = [shutil.which("torchrun"), "--standalone", "--nproc_per_node=2", str(ROOT / "train_seg.py")]
+    # 2 images per process; rank 1 has no evaluation image (1 image over 2 ranks): its share of the sum is 0
+    run("--out", tmp_path, "--steps", 2, "--device", "cpu", *SMALL, cmd=torchrun)
+    ck = unip.load_checkpoint(tmp_path / "ckpt.pt")
+    assert ck["step"] == 2 and len(ck["rng"]["ranks"]) == 2
+    assert any("miou" in r for r in rows(tmp_path))
+
+
+def test_clear_errors(tmp_path):
+    p = run("--out", tmp_path, "--dataset", "soda", "--data-root", tmp_path / "nowhere", ok=False)
+    assert p.returncode != 0 and str(tmp_path / "nowhere") in p.stderr
+    bad = tmp_path / "small.pt"
+    unip.save_checkpoint({"model": unip.vit_small(img_size=32).state_dict()}, bad)
+    p = run("--out", tmp_path, *SMALL, "--init", bad, ok=False)
+    assert p.returncode != 0 and "wrong shape" in p.stderr and "patch_embed.proj.weight" in p.stderr
+    assert "--label-map" in run("--help").stdout
+
+
+@pytest.mark.skipif(not os.environ.get("UNIP_SAMPLE_DATA"), reason="set UNIP_SAMPLE_DATA to the shared data folder")
+def test_folder_dataset_on_real_thermal_masks(tmp_path):
+    root = Path(os.environ["UNIP_SAMPLE_DATA"]) / "buffalo_udder_thermal_seg"
+    run("--out", tmp_path, "--steps", 2, *SMALL, "--eval-images", 2, "--dataset", "folder", "--data-root", root,
+        "--classes", "background,udder", "--label-map", "255:1")
+    ev = [r for r in rows(tmp_path) if "miou" in r]
+    assert ev and set(ev[-1]["iou"]) == {"background", "udder"} and 0 <= ev[-1]["miou"] <= 100
+    assert len(list(tmp_path.glob("pred_*.png"))) == 2

@@ -1,0 +1,431 @@
+"""
+Fine-tune, linearly probe or evaluate a ViT for infrared semantic segmentation (UNIP, ICLR 2025, §3.3):
+the backbone's last-block features -> LL-FPN (strides 4/8/16/32) -> UperNet, with an auxiliary FCN head.
+
+    python train_seg.py                                   # CPU demo: synthetic thermal scenes, a few minutes
+    python train_seg.py --dataset soda --data-root SODA --model vit_small --init unip_small.pth
+    torchrun --nproc_per_node=2 train_seg.py --dataset mfnet --data-root MFNet --init ckpt.pt
+    python train_seg.py --mode linear ...                 # frozen backbone, blocks 4/6/8/12 -> one 1x1 conv
+    python train_seg.py --mode layer-linear --layer 6 ... # frozen backbone, one block -> 1x1 conv
+    python train_seg.py --dataset folder --data-root buffalo_udder_thermal_seg --classes background,udder \\
+        --label-map 255:1                                 # binary 0/255 masks: 255 is the ignore value otherwise
+    python train_seg.py --resume runs/seg/best.pt --eval-only
+
+Recipe (the reference's mmseg configs): AdamW lr 1e-4, betas (0.9, 0.999), wd 0.05 (none on 1-D weights,
+biases, pos_embed, cls_token); layer-wise lr decay 0.85 (fine-tuning only); poly decay (power 1) to 0 with a
+linear warm-up from 1e-6x, per iteration; total batch 8; 512 crops; drop_path rising linearly to 0.1;
+aux loss 0.4; cross-entropy with ignore 255 on logits upsampled to the label. Iterations (= 100 epochs):
+SODA 14,400 (warm-up 1,500), MFNet-T 9,800 (1,000), SCUT-Seg 16,800 (1,700); a folder: 100 epochs.
+Evaluation: short side -> 512, sliding windows 512 / stride 341, logits resized to the original label,
+mIoU over all classes (background included, 255 ignored).
+Backbone: built at img_size = crop, so a pre-trained pos_embed is resampled once to the crop grid; it is
+trained when fine-tuning, as in the reference. The distilled last block is re-split into the preset's head
+count (the reference does so); --keep-distilled-heads keeps the checkpoint's. The reference also adds
+layer-scale factors initialised to 1.0 and trains them: --layer-scale 1.0 (default 0: off).
+Multi-GPU: BatchNorm becomes SyncBatchNorm under torchrun on CUDA (PyTorch has no CPU SyncBatchNorm: with
+gloo on CPUs each process keeps its own statistics). Evaluation splits the images over the processes and sums
+the confusion matrices.
+Reproducibility: a resumed run continues exactly (weights, optimiser, scaler, step, RNG of every rank, data
+position); across machines or thread counts, float reductions may differ in the last bits.
+CPU: on a machine whose cores are busy with other work, OpenMP threads spin-wait and a step can take several
+times longer; OMP_WAIT_POLICY=PASSIVE (or OMP_NUM_THREADS=1) avoids that.
+"""
+import argparse
+import dataclasses
+import inspect
+import json
+import math
+import os
+import re
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+import data
+import unip
+
+# iterations and warm-up of the reference (100 epochs at batch 8); the synthetic demo is sized for 2 CPU cores
+SCHEDULES = {"soda": (14400, 1500), "mfnet": (9800, 1000), "scut": (16800, 1700), "synthetic": (240, 24)}
+VAL_SPLITS = {"soda": "test", "mfnet": "val", "scut": "val"}
+
+
+@dataclass
+class Config:
+    out: str = "runs/seg"               # output folder: log.jsonl, ckpt.pt, best.pt, predicted masks (pred_*.png)
+    dataset: str = "synthetic"          # synthetic | soda | mfnet | scut | folder
+    data_root: str = ""                 # dataset folder (everything but synthetic)
+    img_dir: str = "images"             # folder: image folder inside --data-root
+    label_dir: str = "labels"           # folder: label folder inside --data-root (same stems as the images)
+    img_suffix: str = ".png"            # folder: image file ending
+    label_suffix: str = ".png"          # folder: label file ending
+    train_split: str = ""               # folder: file of training stems in --data-root (default: every image)
+    val_split: str = ""                 # evaluation split: soda test, mfnet val, scut val; folder: a stem file (default: every image)
+    train_images: int = 0               # synthetic: number of labelled training scenes (0: 2000); real sets: --train-split
+    classes: str = ""                   # folder: class names 'background,udder' or their number K
+    label_map: str = ""                 # folder: raw label value -> class, e.g. '255:1' for 0/255 masks; other values kept
+    model: str = "vit_tiny"             # backbone: vit_tiny | vit_small | vit_base | vit_large
+    init: str = ""                      # pre-trained backbone: train_pretrain.py checkpoint or any unip.load_pretrained format
+    keep_distilled_heads: bool = False  # keep the --init checkpoint's last-block head count (config['last_heads'])
+    mode: str = "finetune"              # finetune | linear | layer-linear
+    layer: int = 0                      # layer-linear: block probed, 1-based (0: the last)
+    pyramid: str = "ll"                 # finetune: ll (last block x4, LL-FPN) | multi (blocks 4/6/8/12 of 12)
+    crop: int = 0                       # training crop and sliding window (0: 512; synthetic 128)
+    iters: int = 0                      # schedule length in iterations (0: dataset preset, folder: 100 epochs)
+    warmup: int = -1                    # warm-up iterations (-1: dataset preset, else iters/10)
+    steps: int = 0                      # stop at this step; the schedule still spans --iters (0: run to --iters)
+    batch_size: int = 0                 # images per process per step (0: 8 / world size: total batch 8)
+    lr: float = 1e-4                    # base learning rate (AdamW)
+    weight_decay: float = 0.05          # AdamW weight decay
+    layer_decay: float = 0.85           # layer-wise lr decay (finetune only)
+    drop_path: float = 0.1              # stochastic depth of the last block, linear from 0 (finetune only)
+    layer_scale: float = 0.0            # >0: trainable per-channel residual scales with this init (reference: 1.0)
+    aux_weight: float = 0.4             # weight of the auxiliary FCN loss (0: no auxiliary head)
+    eval_every: int = 2000              # evaluate every N steps, and always at the end
+    eval_size: int = 0                  # short side of evaluation images (0: = crop)
+    eval_stride: int = 0                # sliding-window stride (0: 2/3 of the crop, 341 at 512)
+    eval_images: int = 0                # evaluate on the first N validation images (0: all; synthetic has 100)
+    num_samples: int = 4                # predicted masks saved per evaluation as OUT/pred_<name>.png
+    eval_only: bool = False             # evaluate the --resume checkpoint and exit
+    amp: str = "auto"                   # auto | bf16 | fp16 | none (auto: bf16 on CUDA, none on CPU)
+    compile: bool = False               # torch.compile the training model
+    device: str = "auto"                # auto | cpu | cuda | cuda:N
+    workers: int = 2                    # DataLoader worker processes
+    seed: int = 0                       # seed (+ rank for the global RNG)
+    log_every: int = 20                 # steps between log rows (and loss syncs)
+    save_every: int = 1000              # steps between checkpoints (also after every evaluation and at the end)
+    resume: str = ""                    # checkpoint to resume from, or 'auto' (OUT/ckpt.pt if it exists)
+
+
+def parse_config(argv=None) -> Config:
+    # CLI generated from the fields; help text = the trailing comment of each field
+    helps = dict(re.findall(r"^\s+(\w+):.*#\s*(.+)$", inspect.getsource(Config), re.M))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag, h = "--" + f.name.replace("_", "-"), f"{helps.get(f.name, '')} (default: {f.default})"
+        if f.type is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=h)
+        else:
+            p.add_argument(flag, type=type(f.default), default=f.default, help=h)
+    return Config(**vars(p.parse_args(argv)))
+
+
+def poly_lr(step, base, iters, warmup, ratio=1e-6):
+    """mmseg poly (power 1, min 0) after a linear warm-up from ratio*lr; `step` = steps done."""
+    lr = base * (1 - step / iters)
+    if step < warmup:
+        lr *= 1 - (1 - step / warmup) * (1 - ratio)
+    return lr
+
+
+def seg_loss(logits, label, ignore_index=255):
+    """Cross-entropy of (B, K, h, w) logits upsampled bilinearly to the (B, H, W) label. Averaged over all
+    pixels, ignored ones counting 0, as mmseg 0.11 does: a crop that is all ignore gives 0, not NaN."""
+    logits = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear", align_corners=False)
+    return F.cross_entropy(logits, label, ignore_index=ignore_index, reduction="none").mean()
+
+
+def main(argv=None):
+    # ------------------------------------------------------------------ config
+    cfg = parse_config(argv)
+    synthetic = cfg.dataset == "synthetic"
+    crop = cfg.crop or (128 if synthetic else 512)
+    finetune = cfg.mode == "finetune"
+    for name, value, allowed in [("mode", cfg.mode, ("finetune", "linear", "layer-linear")),
+                                 ("pyramid", cfg.pyramid, ("ll", "multi")), ("model", cfg.model, tuple(unip.PRESETS))]:
+        if value not in allowed:
+            raise SystemExit(f"--{name} {value!r}: choose one of {', '.join(allowed)}")
+
+    # ------------------------------------------------------------------ distributed setup
+    ddp = "RANK" in os.environ
+    if ddp:
+        use_cuda = torch.cuda.is_available() and cfg.device != "cpu"
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        rank, local_rank, world = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+        device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(device)
+    else:
+        rank, local_rank, world = 0, 0, 1
+        device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    master = rank == 0
+    print0 = print if master else (lambda *a, **k: None)
+    print0(json.dumps(asdict(cfg), indent=1))
+    torch.manual_seed(cfg.seed + rank)  # drop_path and Dropout2d draw from here; saved in checkpoints
+    amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
+    autocast = lambda: torch.autocast(device.type, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp),
+                                      enabled=amp != "none")
+    bs = cfg.batch_size or max(1, 8 // world)
+    if device.type == "cuda":  # fixed crop and window sizes: let cuDNN pick its kernels once; TF32 for fp32 matmuls
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    # ------------------------------------------------------------------ data
+    train_tf = data.SegTrainTransform(crop=crop, scale=(4 * crop, crop))  # (2048, 512) at crop 512
+    eval_tf = data.SegEvalTransform(short_side=cfg.eval_size or crop)
+    if cfg.dataset != "synthetic" and not os.path.isdir(cfg.data_root):
+        raise SystemExit(f"--dataset {cfg.dataset}: data root {cfg.data_root!r} is not a folder (--data-root)")
+    if synthetic:
+        train_set = data.SyntheticThermal("train", num_images=cfg.train_images or None, transform=train_tf, seed=cfg.seed)
+        val_set = data.SyntheticThermal("val", num_images=100, transform=eval_tf, seed=cfg.seed)
+    elif cfg.dataset in data.SEG_PRESETS:
+        make = data.SEG_PRESETS[cfg.dataset]
+        train_set = make(cfg.data_root, "train", transform=train_tf, seed=cfg.seed)
+        val_set = make(cfg.data_root, cfg.val_split or VAL_SPLITS[cfg.dataset], transform=eval_tf, seed=cfg.seed)
+    elif cfg.dataset == "folder":
+        if not cfg.classes:
+            raise SystemExit("--dataset folder needs --classes (names 'a,b,c' or a number)")
+        classes = [str(k) for k in range(int(cfg.classes))] if cfg.classes.isdigit() else cfg.classes.split(",")
+        label_map = None
+        if cfg.label_map:  # '255:1,7:2' -> a 256-entry table, identity elsewhere
+            try:
+                pairs = [tuple(int(v) for v in pair.split(":")) for pair in cfg.label_map.split(",")]
+                label_map = np.arange(256)
+                for src, dst in pairs:
+                    label_map[src] = dst
+            except (ValueError, IndexError):
+                raise SystemExit(f"--label-map {cfg.label_map!r}: expected 'raw:class,...' in 0..255, e.g. '255:1'")
+        kw = dict(img_suffix=cfg.img_suffix, label_suffix=cfg.label_suffix, classes=classes, label_map=label_map,
+                  seed=cfg.seed)
+        dirs = os.path.join(cfg.data_root, cfg.img_dir), os.path.join(cfg.data_root, cfg.label_dir)
+        split = lambda s: os.path.join(cfg.data_root, s) if s else None
+        train_set = data.SegFolder(*dirs, split(cfg.train_split), transform=train_tf, **kw)
+        val_set = data.SegFolder(*dirs, split(cfg.val_split), transform=eval_tf, **kw)
+    else:
+        raise SystemExit(f"unknown --dataset {cfg.dataset!r}: synthetic | soda | mfnet | scut | folder")
+    K, class_names = train_set.num_classes, list(train_set.classes)
+    preset_iters, preset_warmup = SCHEDULES.get(cfg.dataset, (100 * len(train_set) // 8, None))
+    iters = cfg.iters or preset_iters
+    warmup = cfg.warmup if cfg.warmup >= 0 else (preset_warmup if iters == preset_iters and preset_warmup else iters // 10)
+    stop = min(cfg.steps or iters, iters)
+    # every rank draws its own part of each epoch; the list is re-made per epoch so a resumed run can skip into it
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    steps_per_epoch = len(sampler) // bs
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{len(train_set)} training images cannot fill one batch of {bs} per process")
+    n_eval = min(cfg.eval_images or len(val_set), len(val_set))
+
+    # ------------------------------------------------------------------ model
+    ckpt = unip.load_checkpoint(cfg.init) if cfg.init else None
+    last_heads = None
+    if cfg.keep_distilled_heads:
+        last_heads = (ckpt or {}).get("config", {}).get("last_heads") if isinstance(ckpt, dict) else None
+        if not last_heads:
+            raise SystemExit("--keep-distilled-heads needs an --init checkpoint with config['last_heads'] "
+                             "(train_pretrain.py writes it)")
+    backbone = unip.PRESETS[cfg.model](img_size=crop, last_heads=last_heads, drop_path=cfg.drop_path if finetune else 0.0,
+                                       drop_path_schedule="linear", layer_scale=cfg.layer_scale if finetune else 0.0)
+    if ckpt is not None:
+        try:  # refuses, naming the keys, when a backbone weight is missing or has the wrong shape
+            rep = unip.load_pretrained(backbone, ckpt, verbose=False)
+        except ValueError as e:
+            raise SystemExit(f"--init {cfg.init}: {e}") from None
+        ignored = sorted({re.sub(r"\.\d+\..*|\..*", "", k) for k in rep["ignored"]})
+        # only weights no head uses (final norm) or new at fine-tuning (layer scale) may be absent: kept at init
+        absent = sorted({re.sub(r"blocks\.\d+\.", "blocks.N.", k) for k in set(backbone.state_dict()) - set(rep["loaded"])})
+        print0(f"init {cfg.init}: loaded {len(rep['loaded'])} tensors"
+               + (" (pos_embed {0}x{0} -> {1}x{1})".format(*rep["resampled"]) if rep["resampled"] else "")
+               + (f"; ignored {len(rep['ignored'])}: {', '.join(ignored)}" if ignored else "")
+               + (f"; kept at init: {', '.join(absent)}" if absent else ""))
+    del ckpt
+    depth = len(backbone.blocks)
+    multi = unip.multi_layers(depth)  # 4/6/8/12 of 12 blocks; 8/12/16/24 for ViT-L
+    layers = {"finetune": multi if cfg.pyramid == "multi" else None, "linear": multi,
+              "layer-linear": (cfg.layer or depth,)}[cfg.mode]
+    seg = unip.Segmenter(backbone, K, cfg.mode, layers, aux=finetune and cfg.aux_weight > 0)
+    backbone.pos_embed.requires_grad_(finetune)  # fine-tuning learns pos_embed, like the reference
+    if ddp and device.type == "cuda":
+        seg = nn.SyncBatchNorm.convert_sync_batchnorm(seg)  # batch 8 over GPUs: BN statistics over all of it
+    seg.to(device)
+
+    # ------------------------------------------------------------------ optimiser and schedule
+    # linear probes: the same groups without decay (only the head is trainable); 1-D weights never decayed
+    groups = unip.layer_decay_groups(seg, cfg.weight_decay, cfg.layer_decay if finetune else 1.0)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+
+    # ------------------------------------------------------------------ compile, DDP
+    model = torch.compile(seg) if cfg.compile else seg
+    if ddp:
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    # ------------------------------------------------------------------ resume
+    step, best, best_step, last_ckpt = 0, -1.0, -1, None
+    resume = os.path.join(cfg.out, "ckpt.pt") if cfg.resume == "auto" else cfg.resume
+    if resume and not (cfg.resume == "auto" and not os.path.exists(resume)):
+        ck = unip.load_checkpoint(resume)
+        heads = backbone.blocks[-1].attn.heads  # not visible in the weights' shapes: check it
+        if ck.get("last_heads", heads) != heads:
+            raise SystemExit(f"{resume} has {ck['last_heads']} heads in the last block, this model {heads}: "
+                             "give the --init and --keep-distilled-heads of that run")
+        seg.load_state_dict(ck["model"])
+        if "optimizer" in ck:  # best.pt holds the model only
+            opt.load_state_dict(ck["optimizer"])
+            scaler.load_state_dict(ck["scaler"])
+            states = ck["rng"]["ranks"]
+            if len(states) == world:  # same world size: each rank continues its own stream
+                torch.set_rng_state(states[rank]["torch"])
+                if states[rank]["cuda"] is not None and device.type == "cuda":
+                    torch.cuda.set_rng_state(states[rank]["cuda"], device)
+            else:
+                torch.manual_seed(cfg.seed + rank + 7919 * ck["step"])
+        step, best, best_step = ck["step"], ck.get("best_miou", -1.0), ck.get("best_step", -1)
+        last_ckpt = resume
+        print0(f"resumed from {resume} at step {step}")
+    elif cfg.eval_only:
+        raise SystemExit("--eval-only needs --resume PATH (a train_seg.py checkpoint)")
+
+    os.makedirs(cfg.out, exist_ok=True)
+    n_train = sum(p.numel() for p in seg.parameters() if p.requires_grad)
+    print0(f"world {world} | device {device} | amp {amp} | torch {torch.__version__} | batch {bs} x {world} = "
+           f"{bs * world} | lr {cfg.lr:g} | iters {iters} (warm-up {warmup}) | crop {crop} | {cfg.model} "
+           f"({depth} blocks, last block {backbone.blocks[-1].attn.heads} heads) | {cfg.mode} on blocks {seg.layers} | "
+           f"{n_train / 1e6:.2f}M trainable | {len(train_set)} train / {n_eval} val images, {K} classes")
+
+    def log(row):
+        if master:
+            with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    loader_gen = lambda: torch.Generator().manual_seed(cfg.seed)  # workers' seeds never touch the global RNG
+
+    def save(path, full=True):
+        # every rank's RNG state, so that each continues its own stream on resume (a collective call)
+        st = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        states = [st] * world
+        if ddp:
+            dist.all_gather_object(states, st)
+        obj = {"model": seg.state_dict(), "step": step, "epoch": step // steps_per_epoch, "config": asdict(cfg),
+               "classes": class_names, "best_miou": best, "best_step": best_step,
+               "last_heads": backbone.blocks[-1].attn.heads}
+        if full:
+            obj.update(optimizer=opt.state_dict(), scaler=scaler.state_dict(), rng={**st, "ranks": states})
+        if master:
+            unip.save_checkpoint(obj, path)
+
+    @torch.no_grad()
+    def evaluate():
+        """Sliding-window evaluation of this rank's share of the first n_eval images; confusion summed over
+        ranks. Returns the (K, K) confusion matrix and a few (index, prediction) pairs of rank 0."""
+        seg.eval()
+        idx = list(range(n_eval))[rank::world]
+        loader = DataLoader(val_set, batch_size=1, sampler=idx, num_workers=cfg.workers, generator=loader_gen())
+        conf, samples = torch.zeros(K, K, dtype=torch.int64, device=device), []
+        for i, (x, y) in zip(idx, tqdm(loader, desc="eval", leave=False, disable=not master)):
+            x, y = x.to(device), y.to(device)  # (1, 3, h', w') resized, (1, H, W) original size
+            with autocast():
+                logits = unip.slide_inference(seg, x, K, crop, cfg.eval_stride or crop * 2 // 3)  # (1, K, h', w')
+            pred = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False).argmax(1)
+            conf += unip.confusion_matrix(pred, y, K)
+            if len(samples) < cfg.num_samples:
+                samples.append((i, pred[0].cpu().numpy()))
+        if ddp:
+            dist.all_reduce(conf)
+        seg.train()
+        return conf.cpu(), samples
+
+    def report(conf, samples):
+        """Print the per-class IoU table, log it, save image | label | prediction PNGs. Returns mIoU (%)."""
+        iou = unip.iou_from_confusion(conf) * 100
+        miou, acc = torch.nanmean(iou).item(), (conf.diag().sum() / conf.sum().clamp_min(1)).item() * 100
+        if master:
+            w = max(len(c) for c in class_names + ["mIoU"])
+            tqdm.write(f"step {step}: IoU per class (%)\n" + "\n".join(
+                f"  {c:<{w}} {v:6.2f}" for c, v in zip(class_names + ["mIoU", "pixel acc"], iou.tolist() + [miou, acc])))
+            log({"step": step, "epoch": step // steps_per_epoch, "miou": miou, "acc": acc,
+                 "iou": {c: (None if math.isnan(v) else v) for c, v in zip(class_names, iou.tolist())}})
+            for i, pred in samples:
+                img, label = val_set.load(i)  # (H, W) uint8, (H, W) int64 at the original size
+                panels = [np.repeat(img[..., None], 3, 2), data.colorize(label, val_set.palette),
+                          data.colorize(pred, val_set.palette)]
+                Image.fromarray(np.concatenate(panels, 1)).save(os.path.join(cfg.out, f"pred_{val_set.name(i)}.png"))
+        return miou
+
+    if cfg.eval_only:
+        report(*evaluate())
+        if ddp:
+            dist.destroy_process_group()
+        return
+
+    # ------------------------------------------------------------------ loop
+    loss_acc = torch.zeros(2, device=device)  # [sum of losses, steps] since the last log row
+
+    def synced_loss():  # mean loss over ranks since the last row; raises before anything is saved after a NaN
+        t = loss_acc.clone()
+        if ddp:
+            dist.all_reduce(t)
+        v = (t[0] / t[1].clamp_min(1)).item()
+        if not math.isfinite(v):
+            raise FloatingPointError(f"non-finite loss at step {step}: {v}; last good checkpoint: {last_ckpt}")
+        return v
+
+    pbar = tqdm(total=stop, initial=step, disable=not master, dynamic_ncols=True)
+    t0, t_step = time.time(), step
+    seg.train()
+    while step < stop:
+        epoch = step // steps_per_epoch
+        train_set.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        idx = list(sampler)[(step - epoch * steps_per_epoch) * bs:]  # a resumed run skips what it has seen
+        loader = DataLoader(train_set, batch_size=bs, sampler=idx, num_workers=cfg.workers, drop_last=True,
+                            pin_memory=device.type == "cuda", generator=loader_gen())
+        for x, y in loader:  # (B, 3, crop, crop) normalised, (B, crop, crop) int64 with 255 = ignore
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            lr = poly_lr(step, cfg.lr, iters, warmup)
+            for g in opt.param_groups:
+                g["lr"] = lr * g["lr_scale"]
+            with autocast():
+                out, aux = model(x)  # (B, K, crop/4, crop/4) [linear: /16], aux (B, K, crop/16, crop/16) or None
+            loss = seg_loss(out, y) + (cfg.aux_weight * seg_loss(aux, y) if aux is not None else 0.0)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            loss_acc[0] += loss.detach()
+            loss_acc[1] += 1
+            step += 1
+            pbar.update(1)
+
+            if step % max(cfg.log_every, 1) == 0 or step == stop:
+                dt = (time.time() - t0) / max(step - t_step, 1)
+                row = {"step": step, "epoch": epoch, "loss": synced_loss(), "lr": lr,
+                       "img_per_s": bs * world / dt, "ms_per_step": dt * 1000}
+                if device.type == "cuda":
+                    row["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                log(row)
+                pbar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{row['img_per_s']:.1f}")
+                loss_acc.zero_()
+                t0, t_step = time.time(), step
+            evaluating = (cfg.eval_every and step % cfg.eval_every == 0) or step == stop
+            saving = evaluating or (cfg.save_every and step % cfg.save_every == 0)
+            if saving:
+                synced_loss()  # a non-finite loss raises here: nothing is saved from a diverged model
+            if evaluating:
+                miou = report(*evaluate())
+                if miou > best:
+                    best, best_step = miou, step
+                    save(os.path.join(cfg.out, "best.pt"), full=False)
+                t0, t_step = time.time(), step  # evaluation time is not training speed
+            if saving:
+                save(os.path.join(cfg.out, "ckpt.pt"))
+                last_ckpt = os.path.join(cfg.out, "ckpt.pt")
+            if step >= stop:
+                break
+    pbar.close()
+
+    # ------------------------------------------------------------------ end (the last step was evaluated and saved)
+    print0(f"done: step {step}/{iters}; best mIoU {best:.2f} at step {best_step}; checkpoints in {cfg.out}")
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
