@@ -68,7 +68,7 @@ class Config:
     reps: int = 0  # timed steps per case (0: 20; 2 with --quick)
     workers: int = -1  # data-loader worker processes (-1: 8; 2 with --quick)
     infrared: str = ""  # also time an InfMix infrared folder (<dataset>/thermal/* or plain images)
-    cudnn_benchmark: bool = False  # torch.backends.cudnn.benchmark (train_seg.py leaves it off)
+    cudnn_benchmark: bool = True  # torch.backends.cudnn.benchmark, as train_seg.py sets it on CUDA
     peak_tflops: float = 0.0  # peak for MFU in TFLOP/s (0: known from the device name, CUDA only)
     json: str = ""  # also write the results as JSON to this file; '-' = stdout (the table goes to stderr)
     threads: int = 0  # CPU threads for torch (0: its default; 1 with --quick: OpenMP stalls when the cores are shared)

@@ -122,12 +122,15 @@ class Attention(nn.Module):
         attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
         return self.proj((attn @ v).transpose(1, 2).flatten(2)), attn
 
-    def logits(self, x):  # (B, N, D) -> (B, H, N, N)
-        # Only the q and k rows of qkv: distillation never needs v or proj.
+    def logits(self, x):  # (B, N, D) -> (B, H, N, N), always fp32
+        # Only the q and k rows of qkv: distillation never needs v or proj. In fp32 even under
+        # autocast: the KL over N keys needs small logit differences that bf16 (8-bit mantissa) rounds
+        # away; it is one projection and one matmul per model, and TF32 keeps it fast on GPUs.
         D = self.heads * self.head_dim
-        bias = None if self.qkv.bias is None else self.qkv.bias[: 2 * D]
-        q, k = self._split(F.linear(x, self.qkv.weight[: 2 * D], bias), 2)
-        return (q @ k.transpose(-2, -1)) * self.scale
+        bias = None if self.qkv.bias is None else self.qkv.bias[: 2 * D].float()
+        with torch.autocast(x.device.type, enabled=False):
+            q, k = self._split(F.linear(x.float(), self.qkv.weight[: 2 * D].float(), bias), 2)
+            return (q @ k.transpose(-2, -1)) * self.scale
 
 
 class MLP(nn.Module):

@@ -482,3 +482,20 @@ def test_multi_layers_scale_with_depth():
     assert unip.multi_layers(24) == (8, 12, 16, 24)
     seg = unip.Segmenter(unip.vit_large(img_size=32), 5, mode="linear")
     assert seg.layers == (8, 12, 16, 24)
+
+
+def test_attention_logits_stay_fp32_under_bf16_autocast():
+    m = tiny_vit().eval()
+    x = torch.randn(2, 3, 64, 64)
+    blk = m.blocks[3]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m.attention_logits(x, 4)
+        h = m.prepare_tokens(x)
+        for b in m.blocks[:3]:
+            h = b(h)  # the blocks before the distilled one run in bf16, as in training
+        q, k = blk.attn._split(blk.attn.qkv(blk.norm1(h)), 3)[:2]
+        plain = (q @ k.transpose(-2, -1)) * blk.attn.scale  # what autocast alone would give
+    exact = blk.attn.logits(blk.norm1(h.float()))  # fp32 from the same hidden state
+    assert out.dtype == torch.float32 and plain.dtype == torch.bfloat16
+    assert (out - exact).abs().max() < 1e-4
+    assert (plain.float() - exact).abs().max() > 100 * (out - exact).abs().max()
