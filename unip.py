@@ -30,6 +30,7 @@ Importing this module only defines things.
 """
 
 import argparse
+import contextlib
 import math
 import os
 import re
@@ -81,6 +82,12 @@ def resample_pos_embed(pos_embed, grid, num_prefix=1):
     return torch.cat([prefix, patch], dim=1)
 
 
+def fp32(device_type):
+    """A context with autocast off (for the few ops that need full precision), on any device."""
+    available = torch.amp.is_autocast_available(device_type)
+    return torch.autocast(device_type, enabled=False) if available else contextlib.nullcontext()
+
+
 def drop_path(x, p, training):
     """Stochastic depth: drop the whole residual branch per sample."""
     if p == 0.0 or not training:
@@ -128,7 +135,7 @@ class Attention(nn.Module):
         # away; it is one projection and one matmul per model, and TF32 keeps it fast on GPUs.
         D = self.heads * self.head_dim
         bias = None if self.qkv.bias is None else self.qkv.bias[: 2 * D].float()
-        with torch.autocast(x.device.type, enabled=False):
+        with fp32(x.device.type):
             q, k = self._split(F.linear(x.float(), self.qkv.weight[: 2 * D].float(), bias), 2)
             return (q @ k.transpose(-2, -1)) * self.scale
 
@@ -371,7 +378,7 @@ def distill_loss(student_logits, teacher_logits):
         elif len(s) == 4 and len(t) == 4 and s[2] != t[2]:
             hint = " Student and teacher must see the same image size and patch size."
         raise ValueError(f"student logits {s} and teacher logits {t} differ in shape.{hint}")
-    with torch.autocast(student_logits.device.type, enabled=False):
+    with fp32(student_logits.device.type):
         log_p_s = student_logits.float().log_softmax(dim=-1)
         log_p_t = teacher_logits.float().log_softmax(dim=-1)
         return (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1).mean()

@@ -213,7 +213,7 @@ def nmi_reference(a):
             if p[q, k] > 0:
                 mi += p[q, k] * math.log(p[q, k] / ((1 / L) * pk[k]))
     hk = -sum(float(x) * math.log(float(x)) for x in pk if x > 0)
-    return mi / math.sqrt(math.log(L) * hk)
+    return float(mi) / math.sqrt(math.log(L) * hk)
 
 
 def test_nmi_known_cases():
