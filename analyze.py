@@ -3,11 +3,14 @@ analyze.py: the attention patterns of any ViT and the layer UNIP would distil (U
 
 For every layer and head: the NMI between query and key positions of the attention map
 (unip.nmi, CLS dropped), mean and spread over N images; every head classed local / hybrid /
-global from its mean; the recommended layer is the one whose mean NMI is closest to --target.
+global from its mean; the recommended layer is the one whose mean NMI is closest to --target,
+searched after the model's NMI peak (--layer-rule after-peak, the default: the hybrid layers the
+paper distils come after the early local ones) or over all layers (--layer-rule closest).
 
     python analyze.py --checkpoint mae_pretrain_vit_large.pth --arch vit_large --num-images 256
     python analyze.py --checkpoint a.pth,b.pth --arch vit_large,vit_small --images DIR
     python analyze.py --checkpoint none --arch vit_base            # random-weights baseline
+    python analyze.py --checkpoint dinov2_vits14_pretrain.pth --arch dinov2_vits14 --images DIR
 
 Images: --images DIR (every image below it), InfMix roots (--infrared / --imagenet / --coco),
 or by default the synthetic thermal scenes of data.py; N evenly spaced over the sorted files.
@@ -40,20 +43,22 @@ import unip
 @dataclass
 class Config:
     checkpoint: list = field(default_factory=lambda: ["none"])  # checkpoint(s): repeat the flag or comma-separate to compare; 'none' = random init
-    arch: list = field(default_factory=lambda: ["vit_large"])  # preset per checkpoint (one for all, or one each): vit_tiny/small/base/large
+    arch: list = field(default_factory=lambda: ["vit_large"])  # preset per checkpoint (one for all, or one each): vit_tiny/small/base/large, dinov2_vits14, ...
     last_heads: int = 0  # head count of the last block (a UNIP student's: its teacher's, e.g. 16); 0 = the preset's
-    num_images: int = 256  # images the statistics are averaged over (UNIP_NOTES §2: a few hundred)
+    num_images: int = 256  # images the statistics are averaged over (a few hundred: the layer means settle)
     images: str = ""  # folder of images (searched recursively); empty: synthetic thermal scenes
     infrared: str = ""  # InfMix infrared root (<dataset>/thermal/*), instead of --images
     imagenet: str = ""  # InfMix ImageNet train root (200 per class)
     coco: str = ""  # InfMix COCO root
     out: str = "runs/analyze"  # output folder
     target: float = 0.09  # NMI of the layer to distil (UNIP: 0.09; stable for 0.06-0.12)
+    layer_rule: str = "after-peak"  # where to look for it: after-peak (layers after the NMI peak) | closest (all layers)
     thresholds: tuple = unip.PATTERN_THRESHOLDS  # global < low <= hybrid <= high < local
     layers: tuple = ()  # layers in attention.png; empty: a quarter of the depth, the recommended one, the last
     heads_shown: int = 4  # heads per layer in attention.png, from most local to most global
     pictures: int = 2  # images in attention.png (two query patches each)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: str = "auto"  # NMI statistics in auto | bf16 | fp16 | none; auto: bf16 on CUDA and on CPUs with AMX or AVX512-BF16, else none (env UNIP_AMP overrides auto)
     batch_size: int = 32  # images per forward pass
     workers: int = 4  # DataLoader worker processes
     img_size: int = 224  # square input side (the pos_embed is resampled if it differs)
@@ -306,6 +311,9 @@ def main(argv=None):
     cfg = parse_config(argv)
     print(json.dumps(asdict(cfg), indent=1))
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    amp, amp_why = unip.resolve_amp(cfg.amp, device)  # as train_pretrain.py --teacher-layer auto measures
+    autocast = torch.autocast(device.type, torch.float16 if amp == "fp16" else torch.bfloat16, enabled=amp != "none")
+    print(f"device {device} | amp {amp} ({amp_why})")
     ckpts, archs = cfg.checkpoint, cfg.arch * len(cfg.checkpoint) if len(cfg.arch) == 1 else cfg.arch
     if len(archs) != len(ckpts) or any(a not in unip.PRESETS for a in archs):
         raise SystemExit(f"--arch: one for all or one per checkpoint, from {sorted(unip.PRESETS)}; got {cfg.arch}")
@@ -349,14 +357,17 @@ def main(argv=None):
 
         # NMI statistics
         t0 = time.time()
-        mean, std = measure_nmi(model, loader, device, progress=True)
+        with autocast:
+            mean, std = measure_nmi(model, loader, device, progress=True)
         seconds = time.time() - t0
         layer_mean = [m.mean().item() for m in mean]
         patterns = [unip.classify_heads(m, cfg.thresholds) for m in mean]
-        rec = unip.choose_layer(layer_mean, cfg.target)
+        rec, why, warning = unip.layer_choice(layer_mean, cfg.target, cfg.layer_rule, cfg.thresholds)
         flags = f"python train_pretrain.py --teacher {ckpt} --teacher-arch {arch} --teacher-layer {rec}"
         res = dict(name=name, checkpoint=ckpt, arch=arch, num_images=len(idx), images=source, img_size=cfg.img_size,
                    thresholds=list(cfg.thresholds), target=cfg.target, recommended_layer=rec,
+                   layer_rule=cfg.layer_rule, reason=why, warning=warning,
+                   closest_layer=unip.choose_layer(layer_mean, cfg.target, "closest"),
                    layers=layer_mean, layers_std=[s.mean().item() for s in std],
                    heads=[m.tolist() for m in mean], heads_std=[s.tolist() for s in std], patterns=patterns,
                    counts=[{p: ps.count(p) for p in ("local", "hybrid", "global")} for ps in patterns],
@@ -365,11 +376,15 @@ def main(argv=None):
         print("layer   NMI   std*  local hybrid global  heads (L local, h hybrid, g global)")
         for i, (v, ps) in enumerate(zip(layer_mean, patterns)):
             c = res["counts"][i]
-            mark = f"  <- closest to {cfg.target:g}" if i + 1 == rec else ""
+            mark = "  <- recommended" if i + 1 == rec else ""
             print(f"{i + 1:5d}  {v:.3f}  {res['layers_std'][i]:.3f}  {c['local']:5d} {c['hybrid']:6d} {c['global']:6d}  "
                   f"{''.join({'local': 'L', 'hybrid': 'h', 'global': 'g'}[p] for p in ps)}{mark}")
-        print(f"(* std over images, averaged over heads)\nrecommended layer to distil: {rec} "
-              f"(mean NMI {layer_mean[rec - 1]:.3f})")
+        print(f"(* std over images, averaged over heads)\nrecommended layer to distil: {why}")
+        if res["closest_layer"] != rec:
+            print(f"  (the plain rule, --layer-rule closest, would pick layer {res['closest_layer']} "
+                  f"({layer_mean[res['closest_layer'] - 1]:.3f}))")
+        if warning:
+            print(f"WARNING: {warning}")
         print(f"  {flags}" if ckpt.lower() not in ("none", "random") else "  (random weights: a baseline, not a teacher)")
 
         # pictures: the NMI curve, and attention of a few heads for two query patches per image
@@ -412,4 +427,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except unip.USER_ERRORS as e:  # a missing file, a damaged checkpoint, a bad setting: one line, no traceback
+        raise SystemExit(f"error: {e}") from None

@@ -10,19 +10,25 @@ Speed, memory and model-FLOP utilisation (MFU) of the steps this project runs (U
   data      the data loader alone: SyntheticThermal (and an InfMix folder with --infrared) + PretrainTransform
 
     python bench.py                                  # every section, CUDA if there is one
+    python bench.py --device cpu                     # the CPU table of the README (bf16 where the CPU has it + fp32)
     python bench.py --quick --device cpu             # small sizes, under a minute on 2 CPU cores
     python bench.py --only pretrain --compile --json out.json
 
 Conventions.
-  Time: `warmup` untimed steps, then the median of `reps` timed steps (CUDA events on the GPU's stream,
-    perf_counter on the CPU). img/s = batch / median. Inputs are random tensors already on the device.
+  Time: every path (fast, naive) of a case in every precision (--amp; default: what training would pick,
+    and fp32) is built and runs `warmup` untimed steps; then their timed steps alternate for `reps` rounds,
+    so that other work on the machine slows them alike (CUDA events on the GPU's stream, perf_counter on the
+    CPU, or with --cpu-time the process's CPU time: with --threads 1 it leaves out the time other processes
+    take the core). img/s = batch / median. fast/naive: the two paths in one precision; x fp32: speed against
+    the case's fp32 baseline (its naive path where it has one). Inputs are random tensors already on the device.
   FLOPs: 2 per multiply-add. Pre-training: analytic (vit_flops): patch embedding, linear layers and the
     two attention matmuls; backward = 2x forward; only what the step must run (teacher blocks 1..L-1 plus
     q/k of block L; student blocks 1..11 plus q/k of block 12). Other sections: counted once with
     torch.utils.flop_counter (math attention so it is counted). The naive path is charged the same useful
     FLOPs, so its MFU shows the waste. MFU = FLOPs/s / peak (--peak-tflops, else the device's dense
     bf16/fp16 peak; fp32 runs are compared with half of it, the TF32 peak).
-  Memory: peak minus the level before the case was built, so weights + optimiser state + activations.
+  Memory: peak minus the level before the case was built, so weights + optimiser state + activations (the
+    frozen teacher, shared by a case's paths and precisions, is charged to each by its weights' bytes).
     CUDA: max_memory_allocated. CPU: peak RSS (VmHWM) after resetting it through /proc/self/clear_refs,
     so every case is measured on its own in one process. Loader workers are other processes: not counted.
 """
@@ -31,6 +37,7 @@ import argparse
 import copy
 import ctypes
 import dataclasses
+import functools
 import gc
 import inspect
 import json
@@ -54,24 +61,25 @@ from train_pretrain import AttentionLogits
 @dataclass
 class Config:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: str = "auto"  # auto (bf16 on CUDA, none on CPU) | bf16 | fp16 | none
+    amp: str = "auto,none"  # precisions, alternating: auto | bf16 | fp16 | none; auto: bf16 on CUDA, AMX / AVX512-BF16 CPUs
     compile: bool = False  # torch.compile the fast path (pre-training wrappers, segmenter); naive stays eager
     quick: bool = False  # small sizes for a CPU smoke run: images 64, batch 2, students T and S, 2 reps
     only: str = "pretrain,seg,slide,nmi,data"  # sections to run, comma-separated
     batch: int = 0  # pre-training and NMI images per step (0: 256 on CUDA, 8 on CPU, 2 with --quick)
-    seg_batch: int = 0  # fine-tuning images per step (0: 8, the recipe's total batch; 2 with --quick)
+    seg_batch: int = 0  # fine-tuning images per step (0: 8, the recipe's total batch, on CUDA; else 2)
     img: int = 0  # pre-training / NMI image size (0: 224; 64 with --quick)
     seg_img: int = 0  # fine-tuning crop and sliding window (0: 512; 64 with --quick)
-    students: str = ""  # student presets (default: vit_tiny,vit_small,vit_base; --quick without vit_base)
+    students: str = ""  # student presets (default: vit_tiny,vit_small,vit_base on CUDA; else without vit_base)
     teachers: str = "vit_base@9,vit_large@18"  # teacher preset@layer (DINO-B layer 9, MAE-L layer 18)
-    warmup: int = 0  # untimed steps per case (0: 5; 1 with --quick)
-    reps: int = 0  # timed steps per case (0: 20; 2 with --quick)
+    warmup: int = 0  # untimed steps per case (0: 5 on CUDA; 1 on CPU or with --quick)
+    reps: int = 0  # timed steps per case; its paths and precisions alternate (0: 20 on CUDA, 5 on CPU; 2 --quick)
     workers: int = -1  # data-loader worker processes (-1: 8; 2 with --quick)
     infrared: str = ""  # also time an InfMix infrared folder (<dataset>/thermal/* or plain images)
     cudnn_benchmark: bool = True  # torch.backends.cudnn.benchmark, as train_seg.py sets it on CUDA
     peak_tflops: float = 0.0  # peak for MFU in TFLOP/s (0: known from the device name, CUDA only)
     json: str = ""  # also write the results as JSON to this file; '-' = stdout (the table goes to stderr)
     threads: int = 0  # CPU threads for torch (0: its default; 1 with --quick: OpenMP stalls when the cores are shared)
+    cpu_time: bool = False  # CPU: time by this process's CPU time, not wall time (with --threads 1: steady on a busy CPU)
     seed: int = 0  # seed of the random weights and inputs
 
 
@@ -79,13 +87,12 @@ def parse_config(argv=None):
     # The command line is the dataclass: --seg-batch for seg_batch, help from the trailing comment.
     helps = dict(re.findall(r"^\s+(\w+):.*?#\s*(.+)$", inspect.getsource(Config), re.M))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    choices = {"amp": ["auto", "bf16", "fp16", "none"]}
     for f in dataclasses.fields(Config):
         flag, h = "--" + f.name.replace("_", "-"), f"{helps.get(f.name, '')} (default: {f.default!r})"
         if f.type is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=h)
         else:
-            p.add_argument(flag, type=type(f.default), default=f.default, choices=choices.get(f.name), help=h)
+            p.add_argument(flag, type=type(f.default), default=f.default, help=h)
     return Config(**vars(p.parse_args(argv)))
 
 
@@ -200,30 +207,38 @@ def memory_peak(device, mark):
     return peak - mark
 
 
-def measure(build, device, warmup, reps):
-    """build() makes the models and returns step(); its memory counts. -> (median s/step, peak bytes)."""
-    mark = memory_mark(device)
-    step = build()
-    for _ in range(warmup):
-        step()
+def measure(builds, device, warmup, reps, clock=time.perf_counter):
+    """builds: {name: build}; build() makes the models and returns step(); its memory counts.
+    The cases are built and warmed up one at a time (each its own memory peak), then their timed steps
+    alternate, so that other work on the machine slows them alike. -> {name: (median s/step, peak bytes)}."""
+    steps, peaks = {}, {}
+    for name, build in builds.items():
+        mark = memory_mark(device)
+        steps[name] = build()
+        for _ in range(warmup):
+            steps[name]()
+        peaks[name] = memory_peak(device, mark)
     if device.type == "cuda":  # events on the stream: no host sync inside the timed loop
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        events = {name: [] for name in steps}
         torch.cuda.synchronize(device)
-        for start, end in events:
-            start.record()
-            step()
-            end.record()
-        torch.cuda.synchronize(device)
-        times = [start.elapsed_time(end) / 1e3 for start, end in events]
-    else:
-        times = []
         for _ in range(reps):
-            t = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t)
-    peak = memory_peak(device, mark)
-    del step
-    return statistics.median(times), peak
+            for name, step in steps.items():
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                step()
+                end.record()
+                events[name].append((start, end))
+        torch.cuda.synchronize(device)
+        times = {name: [start.elapsed_time(end) / 1e3 for start, end in ev] for name, ev in events.items()}
+    else:
+        times = {name: [] for name in steps}
+        for _ in range(reps):
+            for name, step in steps.items():
+                t = clock()
+                step()
+                times[name].append(clock() - t)
+    del steps
+    return {name: (statistics.median(times[name]), peaks[name]) for name in builds}
 
 
 def time_loader(dataset, batch, workers):
@@ -244,10 +259,10 @@ def time_loader(dataset, batch, workers):
 
 
 def markdown(rows):
-    cols = ["section", "case", "path", "batch", "img/s", "ms/step", "peak GB", "GFLOP/img", "TFLOP/s", "MFU %",
-            "fast/naive"]
-    keys = ["section", "case", "path", "batch", "img_per_s", "ms_per_step", "mem_gb", "gflop_per_img", "tflops",
-            "mfu_pct", "speedup"]
+    cols = ["section", "case", "path", "amp", "batch", "img/s", "ms/step", "peak GB", "GFLOP/img", "TFLOP/s", "MFU %",
+            "fast/naive", "x fp32"]
+    keys = ["section", "case", "path", "amp", "batch", "img_per_s", "ms_per_step", "mem_gb", "gflop_per_img", "tflops",
+            "mfu_pct", "speedup", "vs_fp32"]
     fmt = lambda v: "" if v is None else f"{v:.3g}" if isinstance(v, float) and abs(v) < 100 else \
         f"{v:.0f}" if isinstance(v, float) else str(v)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -263,9 +278,7 @@ def main(argv=None):
     cfg = parse_config(argv)
     q = cfg.quick
     img, seg_img = cfg.img or (64 if q else 224), cfg.seg_img or (64 if q else 512)
-    warmup, reps = cfg.warmup or (1 if q else 5), cfg.reps or (2 if q else 20)
     workers = cfg.workers if cfg.workers >= 0 else (2 if q else 8)
-    students = (cfg.students or ("vit_tiny,vit_small" if q else "vit_tiny,vit_small,vit_base")).split(",")
     teachers = [(arch, int(layer)) for arch, layer in (t.split("@") for t in cfg.teachers.split(","))]
     sections = set(cfg.only.split(","))
     if sections - {"pretrain", "seg", "slide", "nmi", "data"}:
@@ -279,31 +292,48 @@ def main(argv=None):
     if cfg.threads or (q and not cuda):
         torch.set_num_threads(cfg.threads or 1)
     batch = cfg.batch or (256 if cuda else 2 if q else 8)
-    seg_batch = cfg.seg_batch or (2 if q else 8)
-    amp = cfg.amp if cfg.amp != "auto" else ("bf16" if cuda else "none")
-    autocast = lambda: torch.autocast(device.type, torch.float16 if amp == "fp16" else torch.bfloat16,
-                                      enabled=amp != "none")
+    seg_batch = cfg.seg_batch or (8 if cuda and not q else 2)
+    # a CPU is ~100x slower than a GPU: fewer steps, no ViT-B student
+    warmup, reps = cfg.warmup or (5 if cuda and not q else 1), cfg.reps or (2 if q else 20 if cuda else 5)
+    students = (cfg.students or ("vit_tiny,vit_small,vit_base" if cuda and not q else "vit_tiny,vit_small")).split(",")
+    why = dict(unip.resolve_amp(a, device) for a in cfg.amp.split(","))  # {precision: why}, in order, no repeats
+    amps = list(why)
+    autocast = lambda amp: torch.autocast(device.type, torch.float16 if amp == "fp16" else torch.bfloat16,
+                                          enabled=amp != "none")
     if cuda:
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device.index or 0)  # plain 'cuda': GPU 0 (set_device wants an index)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train_pretrain.py
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
-    peak = peak_tflops(device, amp, cfg.peak_tflops)
+    peak = {amp: peak_tflops(device, amp, cfg.peak_tflops) for amp in amps}
+    timed = functools.partial(measure, device=device, warmup=warmup, reps=reps,
+                              clock=time.process_time if cfg.cpu_time and not cuda else time.perf_counter)
     dev_name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
     say(json.dumps(asdict(cfg), indent=1))
-    say(f"device {dev_name} | torch {torch.__version__} | amp {amp} | compile {cfg.compile} | peak "
-        f"{peak or '?'} TFLOP/s | batch {batch} @ {img}px, seg {seg_batch} @ {seg_img}px | warm-up {warmup}, reps {reps}")
+    say(f"device {dev_name} | torch {torch.__version__} | amp {', '.join(f'{a} ({w})' for a, w in why.items())} | "
+        f"compile {cfg.compile} | peak {' / '.join(str(p or '?') for p in peak.values())} TFLOP/s | "
+        f"batch {batch} @ {img}px, seg {seg_batch} @ {seg_img}px | warm-up {warmup}, reps {reps}"
+        + (" | CPU time" if cfg.cpu_time and not cuda else ""))
     rows = []
 
-    def add(section, case, path, n, seconds, mem, flops_per_img=None, **extra):
-        row = {"section": section, "case": case, "path": path, "batch": n, "img_per_s": n / seconds,
+    def add(section, case, path, n, seconds, mem, flops_per_img=None, amp=None, **extra):
+        row = {"section": section, "case": case, "path": path, "amp": amp, "batch": n, "img_per_s": n / seconds,
                "ms_per_step": 1e3 * seconds, "mem_gb": None if mem is None else mem / 2**30,
                "gflop_per_img": flops_per_img and flops_per_img / 1e9, "tflops": None, "mfu_pct": None, **extra}
         if flops_per_img:
             row["tflops"] = flops_per_img * n / seconds / 1e12
-            row["mfu_pct"] = peak and 100 * row["tflops"] / peak
+            row["mfu_pct"] = peak[amp] and 100 * row["tflops"] / peak[amp]
         rows.append(row)
         say(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if v is not None))
         return row
+
+    def add_case(section, case, n, results, flops_per_img=None, shared_bytes=0):
+        """results {(path, amp): (s/step, peak bytes)} of one case -> a row each, with fast/naive in each
+        precision and 'x fp32', the speed against the case's fp32 baseline (its naive path where it has one)."""
+        base = results.get(("naive", "none")) or results.get(("fast", "none"))
+        for (path, amp), (sec, mem) in results.items():
+            naive = results.get(("naive", amp)) if path == "fast" else None
+            add(section, case, path, n, sec, None if mem is None else mem + shared_bytes, flops_per_img, amp,
+                speedup=naive and naive[0] / sec, vs_fp32=base and base[0] / sec)
 
     protos = {}
 
@@ -315,30 +345,28 @@ def main(argv=None):
         return protos[key]
 
     # ---------------------------------------------------------------- pre-training: NMI-HAD step, fast and naive
-    def pretrain_step(t_proto, s_proto, layer, naive, compiled=cfg.compile):
-        teacher = clone(t_proto, device, depth=layer).eval().requires_grad_(False)  # stops at the distilled layer
+    def pretrain_step(teacher, s_proto, layer, naive, amp):
         student = clone(s_proto, device).train()
         depth = len(student.blocks)
         if naive:  # the reference: explicit attention everywhere, nothing frozen, AdamW not fused
             student_fn = lambda x: naive_logits(student, x, depth)
             teacher_fn = lambda x: naive_logits(teacher, x, layer)
-        else:  # train_pretrain.py: freeze what gets no gradient, logits-only wrappers, fused AdamW on CUDA
+        else:  # train_pretrain.py: freeze what gets no gradient, logits-only wrappers, fused AdamW
             last = student.blocks[-1]
             for m in (last.attn.proj, last.norm2, last.mlp, student.norm):
                 m.requires_grad_(False)
             student_fn, teacher_fn = AttentionLogits(student, depth), AttentionLogits(teacher, layer)
-            if compiled:  # a fresh start per case: 12 wrappers would pass dynamo's recompile limit (8)
-                torch._dynamo.reset()
+            if cfg.compile:
                 student_fn, teacher_fn = torch.compile(student_fn), torch.compile(teacher_fn)
         params = [p for p in student.parameters() if p.requires_grad]
         opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1], "weight_decay": 0.05},
                                  {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
-                                lr=1e-4, betas=(0.9, 0.95), fused=cuda and not naive)
+                                lr=1e-4, betas=(0.9, 0.95), fused=device.type in ("cuda", "cpu") and not naive)
         scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
         x = torch.randn(batch, 3, img, img, device=device)
 
         def step():
-            with autocast():
+            with autocast(amp):
                 with torch.no_grad():
                     target = teacher_fn(x)  # (B, H, N, N)
                 loss = unip.distill_loss(student_fn(x), target)
@@ -356,15 +384,19 @@ def main(argv=None):
                 s_proto = proto(student_arch, img_size=img, drop_path=0.1, last_heads=heads)
                 # analytic model FLOPs per image: teacher forward + student forward and backward (= 2x forward)
                 flops = vit_flops(t_proto, img, layer) + 3 * vit_flops(s_proto, img, "last")
+                # one frozen teacher for the case's paths and precisions, stopping at the distilled layer; its
+                # weights are charged to each of them
+                teacher = clone(t_proto, device, depth=layer).eval().requires_grad_(False)
+                teacher_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
+                if cfg.compile:  # a fresh start per case: dynamo recompiles a function at most 8 times
+                    torch._dynamo.reset()
                 if not rows:  # one untimed step first, so that the first case does not also pay the process's
-                    pretrain_step(t_proto, s_proto, layer, False, compiled=False)()  # one-time costs (pages, workspaces)
-                sec, mem = {}, {}
-                for path in ("fast", "naive"):
-                    sec[path], mem[path] = measure(lambda: pretrain_step(t_proto, s_proto, layer, path == "naive"),
-                                                   device, warmup, reps)
-                case = f"{student_arch} <- {teacher_arch}@{layer}"
-                add("pretrain", case, "fast", batch, sec["fast"], mem["fast"], flops, speedup=sec["naive"] / sec["fast"])
-                add("pretrain", case, "naive", batch, sec["naive"], mem["naive"], flops)
+                    pretrain_step(teacher, s_proto, layer, True, amps[0])()  # one-time costs (pages, workspaces)
+                builds = {(path, amp): functools.partial(pretrain_step, teacher, s_proto, layer, path == "naive", amp)
+                          for amp in amps for path in ("fast", "naive")}
+                add_case("pretrain", f"{student_arch} <- {teacher_arch}@{layer}", batch,
+                         timed(builds), flops, teacher_bytes)
+                del teacher, builds
 
     # ---------------------------------------------------------------- fine-tuning step: ViT-S + LL-FPN + UperNet
     num_classes = 21  # SODA
@@ -377,7 +409,7 @@ def main(argv=None):
         logits = F.interpolate(logits.float(), size=y.shape[-2:], mode="bilinear", align_corners=False)
         return F.cross_entropy(logits, y, ignore_index=255)
 
-    def seg_step(n, optimise=True):
+    def seg_step(n, amp, optimise=True):
         seg = clone(seg_proto, device).train()
         model = torch.compile(seg) if (cfg.compile and optimise) else seg
         opt = torch.optim.AdamW(unip.layer_decay_groups(seg), lr=1e-4, betas=(0.9, 0.999), fused=cuda)
@@ -386,7 +418,7 @@ def main(argv=None):
         y = torch.randint(0, num_classes, (n, seg_img, seg_img), device=device)
 
         def step():
-            with autocast():
+            with autocast(amp):
                 out, aux = model(x)  # (B, K, S/4, S/4), (B, K, S/16, S/16)
             loss = seg_loss(out, y) + 0.4 * seg_loss(aux, y)
             scaler.scale(loss).backward()
@@ -397,42 +429,42 @@ def main(argv=None):
         return step
 
     if "seg" in sections:
-        flops = counted_flops(seg_step(2, optimise=False)) / 2  # counted on 2 images: BatchNorm needs more than 1
-        sec, mem = measure(lambda: seg_step(seg_batch), device, warmup, reps)
-        add("seg", f"vit_small LL-FPN UperNet {seg_img}px", "fast", seg_batch, sec, mem, flops)
+        flops = counted_flops(seg_step(2, "none", optimise=False)) / 2  # on 2 images: BatchNorm needs more than 1
+        builds = {("fast", amp): functools.partial(seg_step, seg_batch, amp) for amp in amps}
+        add_case("seg", f"vit_small LL-FPN UperNet {seg_img}px", seg_batch, timed(builds), flops)
 
     # ---------------------------------------------------------------- sliding-window inference
     if "slide" in sections:
         H, W, stride = seg_img, round(seg_img * 683 / 512), seg_img * 2 // 3  # 512x683: two windows, stride 341
 
-        def slide_step():
+        def slide_step(amp):
             seg = clone(seg_proto, device).eval()
             x = torch.randn(1, 3, H, W, device=device)
 
             def step():
-                with autocast():
+                with autocast(amp):
                     unip.slide_inference(seg, x, num_classes, seg_img, stride)  # (1, K, H, W)
             return step
-        flops = counted_flops(slide_step())
-        sec, mem = measure(slide_step, device, warmup, reps)
-        add("slide", f"vit_small {H}x{W}, window {seg_img}/{stride}", "fast", 1, sec, mem, flops)
+        flops = counted_flops(slide_step("none"))
+        builds = {("fast", amp): functools.partial(slide_step, amp) for amp in amps}
+        add_case("slide", f"vit_small {H}x{W}, window {seg_img}/{stride}", 1, timed(builds), flops)
 
     # ---------------------------------------------------------------- NMI analysis: every layer, every head
-    def nmi_step(vit_proto, n):
+    def nmi_step(vit_proto, n, amp):
         vit = clone(vit_proto, device).eval()
         x = torch.randn(n, 3, img, img, device=device)
 
         def step():
-            with autocast():
+            with autocast(amp):
                 unip.layer_nmi(vit, x)  # (L, B, H)
         return step
 
     if "nmi" in sections:
         for arch in ("vit_base", "vit_large"):
             vit_proto = proto(arch, img_size=img)
-            flops = counted_flops(nmi_step(vit_proto, 1))
-            sec, mem = measure(lambda: nmi_step(vit_proto, batch), device, warmup, reps)
-            add("nmi", f"{arch} all layers {img}px", "fast", batch, sec, mem, flops)
+            flops = counted_flops(nmi_step(vit_proto, 1, "none"))
+            builds = {("fast", amp): functools.partial(nmi_step, vit_proto, batch, amp) for amp in amps}
+            add_case("nmi", f"{arch} all layers {img}px", batch, timed(builds), flops)
     protos.clear()
 
     # ---------------------------------------------------------------- data loader alone
@@ -455,7 +487,7 @@ def main(argv=None):
     table = markdown(rows)
     say("\n" + table)
     if cfg.json:
-        result = {"device": dev_name, "torch": torch.__version__, "amp": amp, "peak_tflops": peak,
+        result = {"device": dev_name, "torch": torch.__version__, "amp": why, "peak_tflops": peak,
                   "config": asdict(cfg), "rows": rows}
         if cfg.json == "-":
             print(json.dumps(result, indent=1))
@@ -466,4 +498,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except unip.USER_ERRORS as e:  # a missing file, a damaged checkpoint, a bad setting: one line, no traceback
+        raise SystemExit(f"error: {e}") from None

@@ -416,6 +416,20 @@ class SegFolder(torch.utils.data.Dataset):
                              f'nor ignore {IGNORE} (missing or wrong label_map?)')
         return img, label.astype(np.int64)
 
+    def label_counts(self):
+        """Pixels of each label value 0..255 over every label file, after the label map: (256,) int64.
+        Reads the labels only; files that cannot be decoded are passed over (training skips them)."""
+        counts = np.zeros(256, np.int64)
+        for p in self.labels:
+            try:
+                label = load_label(p)
+            except (OSError, ValueError):
+                continue
+            if self.label_map is not None and label.dtype == np.uint8:
+                label = self.label_map[label]
+            counts += np.bincount(label[(label >= 0) & (label < 256)], minlength=256)
+        return counts
+
     def __getitem__(self, i):
         i = range(len(self))[i]
         rng = np.random.default_rng([self.seed, self.epoch, i])
@@ -462,14 +476,55 @@ def mfnet(root, split='train', transform=None, **kw):
     return SegFolder(img_dir, os.path.join(root, 'labels'), split_file, transform=transform, **kw)
 
 
-def scut(root, split='train', transform=None, **kw):
-    """SCUT-Seg: images/*.jpg, labels/*.png holding Cityscapes ids (mapped to 0..9, others to 255),
-    lists train.txt / val.txt."""
+def scut_label_form(label_paths):
+    """Which form a copy of SCUT-Seg's labels holds: 'ids' (raw Cityscapes ids: 7 road, 24 person, ...) or
+    'index' (classes 0..9, as the reference's code expects). Judged per file from its values (255 aside):
+    any value 10..33 is a Cityscapes id no 0..9 map holds; otherwise any of 1-6, 8, 9 is a class index;
+    a file with only 0 and 7 fits both (background + road, or background + tree) and decides nothing.
+    ValueError, saying what was found, when the files disagree, hold values of neither form (> 33), or
+    none of them decides. Files that cannot be decoded are passed over (training skips them too)."""
+    found = {'ids': [], 'index': [], 'neither': [], 'either': []}
+    for p in label_paths:
+        try:
+            v = set(np.unique(load_label(p)).tolist()) - {IGNORE}
+        except (OSError, ValueError):
+            continue
+        kind = ('neither' if any(x > 33 or x < 0 for x in v) else 'ids' if any(x >= 10 for x in v)
+                else 'index' if v - {0, 7} else 'either')
+        found[kind].append((p, sorted(v)))
+    eg = lambda kind: f'e.g. {found[kind][0][0]}: values {found[kind][0][1][:12]}'
+    force = "force one with label_form='ids' or 'index' (train_seg.py --scut-labels)"
+    if found['neither']:
+        raise ValueError(f"SCUT-Seg labels: {len(found['neither'])} files hold values that are neither classes "
+                         f"0..9 nor Cityscapes ids 0..33 ({eg('neither')}): are these the SCUT-Seg label maps?")
+    if found['ids'] and found['index']:
+        raise ValueError(f"SCUT-Seg labels are mixed: {len(found['ids'])} files hold raw Cityscapes ids "
+                         f"({eg('ids')}) and {len(found['index'])} hold class indices 0..9 ({eg('index')}); "
+                         f"convert them to one form, or {force}")
+    if not (found['ids'] or found['index']):
+        raise ValueError(f"SCUT-Seg labels: the {len(found['either'])} readable label files hold only 0, 7 and 255, "
+                         f"which fits both raw Cityscapes ids (7 = road) and class indices (7 = tree): {force}")
+    return 'ids' if found['ids'] else 'index'
+
+
+def scut(root, split='train', transform=None, label_form='auto', **kw):
+    """SCUT-Seg: images/*.jpg, labels/*.png, lists train.txt / val.txt. Labels come in two forms: raw
+    Cityscapes ids ('ids': mapped to 0..9, other ids to 255) or class indices 0..9 ('index', what the
+    reference's code reads). label_form='auto' tells them apart from the split's label files
+    (scut_label_form); the dataset's `label_form` says which was used."""
     split_file = _split_file(root, split, {'train': 'train.txt', 'val': 'val.txt'})
-    label_map = np.full(256, IGNORE, np.uint8)
-    label_map[list(SCUT_IDS)] = np.arange(len(SCUT_IDS))
-    kw = {'img_suffix': '.jpg', 'classes': SCUT_CLASSES, 'palette': SCUT_PALETTE, 'label_map': label_map, **kw}
-    return SegFolder(os.path.join(root, 'images'), os.path.join(root, 'labels'), split_file, transform=transform, **kw)
+    kw = {'img_suffix': '.jpg', 'classes': SCUT_CLASSES, 'palette': SCUT_PALETTE, **kw}
+    ds = SegFolder(os.path.join(root, 'images'), os.path.join(root, 'labels'), split_file, transform=transform, **kw)
+    if label_form == 'auto':
+        label_form = scut_label_form(ds.labels)
+    if label_form not in ('ids', 'index'):
+        raise ValueError(f"label_form must be 'auto', 'ids' or 'index', got {label_form!r}")
+    if label_form == 'ids':
+        label_map = np.full(256, IGNORE, np.uint8)
+        label_map[list(SCUT_IDS)] = np.arange(len(SCUT_IDS))
+        ds.label_map = label_map
+    ds.label_form = label_form
+    return ds
 
 
 SEG_PRESETS = {'soda': soda, 'mfnet': mfnet, 'scut': scut}

@@ -10,6 +10,7 @@ the backbone's last-block features -> LL-FPN (strides 4/8/16/32) -> UperNet, wit
     python train_seg.py --dataset folder --data-root buffalo_udder_thermal_seg --classes background,udder \\
         --label-map 255:1                                 # binary 0/255 masks: 255 is the ignore value otherwise
     python train_seg.py --resume runs/seg/best.pt --eval-only
+    python predict.py --checkpoint runs/seg/best.pt --images DIR --out DIR   # segment new, unlabelled images
 
 Recipe (the reference's mmseg configs): AdamW lr 1e-4, betas (0.9, 0.999), wd 0.05 (none on 1-D weights,
 biases, pos_embed, cls_token); layer-wise lr decay 0.85 (fine-tuning only); poly decay (power 1) to 0 with a
@@ -17,11 +18,15 @@ linear warm-up from 1e-6x, per iteration; total batch 8; 512 crops; drop_path ri
 aux loss 0.4; cross-entropy with ignore 255 on logits upsampled to the label. Iterations (= 100 epochs):
 SODA 14,400 (warm-up 1,500), MFNet-T 9,800 (1,000), SCUT-Seg 16,800 (1,700); a folder: 100 epochs.
 Evaluation: short side -> 512, sliding windows 512 / stride 341, logits resized to the original label,
-mIoU over all classes (background included, 255 ignored).
+mIoU over all classes (background included, 255 ignored); every 800 iterations (SODA, SCUT-Seg), 700 (MFNet).
+Heads initialised as mmseg's: conv-BN-ReLU convs kaiming-normal (fan_out), classifiers N(0, 0.01).
+--model vit_large takes the reference's ViT-L recipe (the MAE-L baseline) for every flag not given: drop path
+0.2, layer decay 0.65, the multi-layer pyramid (blocks 8/12/16/24), 2 images per process (4 GPUs: batch 8).
 Backbone: built at img_size = crop, so a pre-trained pos_embed is resampled once to the crop grid; it is
 trained when fine-tuning, as in the reference. The distilled last block is re-split into the preset's head
-count (the reference does so); --keep-distilled-heads keeps the checkpoint's. The reference also adds
-layer-scale factors initialised to 1.0 and trains them: --layer-scale 1.0 (default 0: off).
+count (the reference does so); --keep-distilled-heads keeps the checkpoint's. As in every reference config,
+each block gets trainable layer-scale factors initialised to 1.0 (--layer-scale 0: none). The reference's
+relative position bias is not built (see the README's differences).
 Multi-GPU: BatchNorm becomes SyncBatchNorm under torchrun on CUDA (PyTorch has no CPU SyncBatchNorm: with
 gloo on CPUs each process keeps its own statistics). Evaluation splits the images over the processes and sums
 the confusion matrices.
@@ -55,7 +60,11 @@ import unip
 
 # iterations and warm-up of the reference (100 epochs at batch 8); the synthetic demo is sized for 2 CPU cores
 SCHEDULES = {"soda": (14400, 1500), "mfnet": (9800, 1000), "scut": (16800, 1700), "synthetic": (240, 24)}
+EVAL_EVERY = {"soda": 800, "mfnet": 700, "scut": 800}  # the reference's evaluation intervals; others: 2000
 VAL_SPLITS = {"soda": "test", "mfnet": "val", "scut": "val"}
+# The reference's ViT-L configs (the MAE-L baseline): out_indices 7/11/15/23, samples_per_gpu 2. Its
+# use_rel_pos_bias=True is not reproduced: see the README's differences.
+LARGE_RECIPE = {"drop_path": 0.2, "layer_decay": 0.65, "pyramid": "multi", "batch_size": 2}
 
 
 @dataclass
@@ -72,30 +81,31 @@ class Config:
     train_images: int = 0               # synthetic: number of labelled training scenes (0: 2000); real sets: --train-split
     classes: str = ""                   # folder: class names 'background,udder' or their number K
     label_map: str = ""                 # folder: raw label value -> class, e.g. '255:1' for 0/255 masks; other values kept
+    scut_labels: str = "auto"           # scut: label files hold 'ids' (raw Cityscapes ids) or 'index' (0..9); auto: detect
     model: str = "vit_tiny"             # backbone: vit_tiny | vit_small | vit_base | vit_large
     init: str = ""                      # pre-trained backbone: train_pretrain.py checkpoint or any unip.load_pretrained format
     keep_distilled_heads: bool = False  # keep the --init checkpoint's last-block head count (config['last_heads'])
     mode: str = "finetune"              # finetune | linear | layer-linear
     layer: int = 0                      # layer-linear: block probed, 1-based (0: the last)
-    pyramid: str = "ll"                 # finetune: ll (last block x4, LL-FPN) | multi (blocks 4/6/8/12 of 12)
+    pyramid: str = "ll"                 # finetune: ll (last block x4, LL-FPN) | multi (blocks 4/6/8/12 of 12; vit_large: multi)
     crop: int = 0                       # training crop and sliding window (0: 512; synthetic 128)
     iters: int = 0                      # schedule length in iterations (0: dataset preset, folder: 100 epochs)
     warmup: int = -1                    # warm-up iterations (-1: dataset preset, else iters/10)
     steps: int = 0                      # stop at this step; the schedule still spans --iters (0: run to --iters)
-    batch_size: int = 0                 # images per process per step (0: 8 / world size: total batch 8)
+    batch_size: int = 0                 # images per process per step (0: 8 / world size: total batch 8; vit_large: 2)
     lr: float = 1e-4                    # base learning rate (AdamW)
     weight_decay: float = 0.05          # AdamW weight decay
-    layer_decay: float = 0.85           # layer-wise lr decay (finetune only)
-    drop_path: float = 0.1              # stochastic depth of the last block, linear from 0 (finetune only)
-    layer_scale: float = 0.0            # >0: trainable per-channel residual scales with this init (reference: 1.0)
+    layer_decay: float = 0.85           # layer-wise lr decay (finetune only; vit_large: 0.65)
+    drop_path: float = 0.1              # stochastic depth of the last block, linear from 0 (finetune only; vit_large: 0.2)
+    layer_scale: float = 1.0            # trainable per-channel residual scales with this init, as the reference (0: off)
     aux_weight: float = 0.4             # weight of the auxiliary FCN loss (0: no auxiliary head)
-    eval_every: int = 2000              # evaluate every N steps, and always at the end
+    eval_every: int = -1                # evaluate every N steps and at the end (-1: soda/scut 800, mfnet 700, else 2000)
     eval_size: int = 0                  # short side of evaluation images (0: = crop)
     eval_stride: int = 0                # sliding-window stride (0: 2/3 of the crop, 341 at 512)
     eval_images: int = 0                # evaluate on the first N validation images (0: all; synthetic has 100)
     num_samples: int = 4                # predicted masks saved per evaluation as OUT/pred_<name>.png
     eval_only: bool = False             # evaluate the --resume checkpoint and exit
-    amp: str = "auto"                   # auto | bf16 | fp16 | none (auto: bf16 on CUDA, none on CPU)
+    amp: str = "auto"                   # auto | bf16 | fp16 | none; auto: bf16 on CUDA and on CPUs with AMX or AVX512-BF16, else none (env UNIP_AMP overrides auto)
     compile: bool = False               # torch.compile the training model
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     workers: int = 2                    # DataLoader worker processes
@@ -115,7 +125,11 @@ def parse_config(argv=None) -> Config:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=h)
         else:
             p.add_argument(flag, type=type(f.default), default=f.default, help=h)
-    return Config(**vars(p.parse_args(argv)))
+    cfg = Config(**vars(p.parse_args(argv)))
+    if cfg.model == "vit_large":  # the ViT-L recipe as defaults: flags on the command line still win
+        p.set_defaults(**LARGE_RECIPE)
+        cfg = Config(**vars(p.parse_args(argv)))
+    return cfg
 
 
 def poly_lr(step, base, iters, warmup, ratio=1e-6):
@@ -124,6 +138,29 @@ def poly_lr(step, base, iters, warmup, ratio=1e-6):
     if step < warmup:
         lr *= 1 - (1 - step / warmup) * (1 - ratio)
     return lr
+
+
+def check_labels(counts, classes, n_files):
+    """Training labels that cannot teach a class: refuse 0/255-only labels (binary masks read without a label map:
+    255 is the ignore value, so every foreground pixel would be ignored) and values that are no class; return a
+    warning naming the classes that no training pixel has (their IoU will be 0), or None.
+    counts: pixels per label value, (256,)."""
+    found = [int(v) for v in np.flatnonzero(counts)]
+    if found == [0, 255] and len(classes) > 1:
+        raise SystemExit(f"the {n_files} training label files hold only the values 0 and 255, and 255 is the ignore value: "
+                         f"every foreground pixel would be ignored and {', '.join(classes[1:])} never learnt. "
+                         f"For binary 0/255 masks give --label-map 255:1 (255 -> class 1).")
+    extra = [v for v in found if v >= len(classes) and v != 255]
+    if extra:
+        raise SystemExit(f"the training labels hold values {extra[:12]} that are neither classes 0..{len(classes) - 1} "
+                         "nor the ignore value 255: check --classes and --label-map")
+    absent = [c for k, c in enumerate(classes) if counts[k] == 0]
+    if absent:
+        share = ", ".join(f"{v}: {counts[v] / counts.sum():.1%}" for v in found[:12])
+        return (f"WARNING: {len(absent)} of {len(classes)} classes never occur in the {n_files} training label files: "
+                f"{', '.join(absent)}. They cannot be learnt and their IoU will be 0. Label values found (share of pixels)"
+                f" {share}; check --classes and --label-map (binary 0/255 masks: --label-map 255:1).")
+    return None
 
 
 def seg_loss(logits, label, ignore_index=255):
@@ -160,7 +197,7 @@ def main(argv=None):
     print0 = print if master else (lambda *a, **k: None)
     print0(json.dumps(asdict(cfg), indent=1))
     torch.manual_seed(cfg.seed + rank)  # drop_path and Dropout2d draw from here; saved in checkpoints
-    amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
+    amp, amp_why = unip.resolve_amp(cfg.amp, device)
     autocast = lambda: torch.autocast(device.type, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp),
                                       enabled=amp != "none")
     bs = cfg.batch_size or max(1, 8 // world)
@@ -178,8 +215,12 @@ def main(argv=None):
         val_set = data.SyntheticThermal("val", num_images=100, transform=eval_tf, seed=cfg.seed)
     elif cfg.dataset in data.SEG_PRESETS:
         make = data.SEG_PRESETS[cfg.dataset]
-        train_set = make(cfg.data_root, "train", transform=train_tf, seed=cfg.seed)
-        val_set = make(cfg.data_root, cfg.val_split or VAL_SPLITS[cfg.dataset], transform=eval_tf, seed=cfg.seed)
+        kw = dict(label_form=cfg.scut_labels) if cfg.dataset == "scut" else {}
+        train_set = make(cfg.data_root, "train", transform=train_tf, seed=cfg.seed, **kw)
+        val_set = make(cfg.data_root, cfg.val_split or VAL_SPLITS[cfg.dataset], transform=eval_tf, seed=cfg.seed, **kw)
+        if cfg.dataset == "scut":  # the two forms of SCUT-Seg labels; the wrong one turns classes into ignore
+            form = {"ids": "raw Cityscapes ids, mapped to 0..9", "index": "class indices 0..9"}[train_set.label_form]
+            print0(f"SCUT-Seg labels: {form} ({'detected' if cfg.scut_labels == 'auto' else '--scut-labels'})")
     elif cfg.dataset == "folder":
         if not cfg.classes:
             raise SystemExit("--dataset folder needs --classes (names 'a,b,c' or a number)")
@@ -202,10 +243,15 @@ def main(argv=None):
     else:
         raise SystemExit(f"unknown --dataset {cfg.dataset!r}: synthetic | soda | mfnet | scut | folder")
     K, class_names = train_set.num_classes, list(train_set.classes)
+    if not synthetic:  # labels that cannot teach a class: say so now, not after the run
+        warning = check_labels(train_set.label_counts(), class_names, len(train_set))
+        if warning:
+            print0(warning)
     preset_iters, preset_warmup = SCHEDULES.get(cfg.dataset, (100 * len(train_set) // 8, None))
     iters = cfg.iters or preset_iters
     warmup = cfg.warmup if cfg.warmup >= 0 else (preset_warmup if iters == preset_iters and preset_warmup else iters // 10)
     stop = min(cfg.steps or iters, iters)
+    eval_every = cfg.eval_every if cfg.eval_every >= 0 else EVAL_EVERY.get(cfg.dataset, 2000)
     # every rank draws its own part of each epoch; the list is re-made per epoch so a resumed run can skip into it
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
     steps_per_epoch = len(sampler) // bs
@@ -242,6 +288,12 @@ def main(argv=None):
               "layer-linear": (cfg.layer or depth,)}[cfg.mode]
     seg = unip.Segmenter(backbone, K, cfg.mode, layers, aux=finetune and cfg.aux_weight > 0)
     backbone.pos_embed.requires_grad_(finetune)  # fine-tuning learns pos_embed, like the reference
+    stride = cfg.eval_stride or crop * 2 // 3
+    # what unip.load_segmenter needs to rebuild this model for inference (predict.py), stored in every checkpoint
+    arch = dict(model=cfg.model, img_size=crop, last_heads=backbone.blocks[-1].attn.heads,
+                layer_scale=cfg.layer_scale if finetune else 0.0, num_classes=K, mode=cfg.mode, layers=list(seg.layers),
+                aux=seg.aux_head is not None, classes=class_names, palette=[list(c) for c in train_set.palette],
+                crop=crop, stride=stride, short_side=cfg.eval_size or crop)
     if ddp and device.type == "cuda":
         seg = nn.SyncBatchNorm.convert_sync_batchnorm(seg)  # batch 8 over GPUs: BN statistics over all of it
     seg.to(device)
@@ -266,7 +318,14 @@ def main(argv=None):
         if ck.get("last_heads", heads) != heads:
             raise SystemExit(f"{resume} has {ck['last_heads']} heads in the last block, this model {heads}: "
                              "give the --init and --keep-distilled-heads of that run")
-        seg.load_state_dict(ck["model"])
+        try:
+            seg.load_state_dict(ck["model"])
+        except RuntimeError as e:  # another architecture: name the settings of the run that wrote it
+            was = ck.get("config", {})
+            diff = [f"--{k.replace('_', '-')} {was[k]}" for k in ("model", "mode", "pyramid", "layer", "layer_scale",
+                    "crop", "dataset", "classes", "aux_weight") if k in was and was[k] != getattr(cfg, k)]
+            raise SystemExit(f"{resume} does not fit this model ({str(e).splitlines()[0].strip()[:120]} ...); "
+                             + (f"it was written with {', '.join(diff)}" if diff else "give the flags of its run")) from None
         if "optimizer" in ck:  # best.pt holds the model only
             opt.load_state_dict(ck["optimizer"])
             scaler.load_state_dict(ck["scaler"])
@@ -285,10 +344,18 @@ def main(argv=None):
 
     os.makedirs(cfg.out, exist_ok=True)
     n_train = sum(p.numel() for p in seg.parameters() if p.requires_grad)
-    print0(f"world {world} | device {device} | amp {amp} | torch {torch.__version__} | batch {bs} x {world} = "
+    print0(f"world {world} | device {device} | amp {amp} ({amp_why}) | torch {torch.__version__} | batch {bs} x {world} = "
            f"{bs * world} | lr {cfg.lr:g} | iters {iters} (warm-up {warmup}) | crop {crop} | {cfg.model} "
            f"({depth} blocks, last block {backbone.blocks[-1].attn.heads} heads) | {cfg.mode} on blocks {seg.layers} | "
-           f"{n_train / 1e6:.2f}M trainable | {len(train_set)} train / {n_eval} val images, {K} classes")
+           f"{n_train / 1e6:.2f}M trainable | {len(train_set)} train / {n_eval} val images, {K} classes | "
+           + (f"evaluation every {eval_every} steps and at the end" if eval_every else "evaluation at the end"))
+    if finetune:
+        print0(f"fine-tuning: drop path {cfg.drop_path} | layer decay {cfg.layer_decay} | layer scale "
+               + (f"{cfg.layer_scale:g} (trainable)" if cfg.layer_scale else "off"))
+    if cfg.model == "vit_large":
+        print0("vit_large: the reference's MAE-L recipe unless a flag overrides it (drop path 0.2, layer decay 0.65, "
+               "pyramid from blocks 8/12/16/24, 2 images per GPU; 4 GPUs make its batch 8); its relative position "
+               "bias is not built (README: how this differs from the authors' code)")
 
     def log(row):
         if master:
@@ -305,7 +372,7 @@ def main(argv=None):
             dist.all_gather_object(states, st)
         obj = {"model": seg.state_dict(), "step": step, "epoch": step // steps_per_epoch, "config": asdict(cfg),
                "classes": class_names, "best_miou": best, "best_step": best_step,
-               "last_heads": backbone.blocks[-1].attn.heads}
+               "last_heads": backbone.blocks[-1].attn.heads, "segmenter": arch}
         if full:
             obj.update(optimizer=opt.state_dict(), scaler=scaler.state_dict(), rng={**st, "ranks": states})
         if master:
@@ -322,7 +389,7 @@ def main(argv=None):
         for i, (x, y) in zip(idx, tqdm(loader, desc="eval", leave=False, disable=not master)):
             x, y = x.to(device), y.to(device)  # (1, 3, h', w') resized, (1, H, W) original size
             with autocast():
-                logits = unip.slide_inference(seg, x, K, crop, cfg.eval_stride or crop * 2 // 3)  # (1, K, h', w')
+                logits = unip.slide_inference(seg, x, K, crop, stride)  # (1, K, h', w')
             pred = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False).argmax(1)
             conf += unip.confusion_matrix(pred, y, K)
             if len(samples) < cfg.num_samples:
@@ -404,7 +471,7 @@ def main(argv=None):
                 pbar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{row['img_per_s']:.1f}")
                 loss_acc.zero_()
                 t0, t_step = time.time(), step
-            evaluating = (cfg.eval_every and step % cfg.eval_every == 0) or step == stop
+            evaluating = (eval_every and step % eval_every == 0) or step == stop
             saving = evaluating or (cfg.save_every and step % cfg.save_every == 0)
             if saving:
                 synced_loss()  # a non-finite loss raises here: nothing is saved from a diverged model
@@ -428,4 +495,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except unip.USER_ERRORS as e:  # a missing file, a damaged checkpoint, labels that do not fit: one line, no traceback
+        raise SystemExit(f"error: {e}") from None

@@ -102,7 +102,7 @@ def design(model, plan):
 
 
 def nmi_reference(T):
-    """NMI of the map softmax(T) (n, n), straight from the formula in UNIP_NOTES §2, in numpy."""
+    """NMI of the map softmax(T) (n, n), straight from the formula in unip.py §4, in numpy."""
     A = torch.softmax(T, -1).numpy()
     n = A.shape[0]
     p = A / n
@@ -161,7 +161,8 @@ def test_measure_nmi_classifies_local_global_hybrid_and_chooses_the_hybrid_layer
     assert patterns == [["local"] * 3, ["global"] * 3, ["hybrid"] * 3]
     layer_means = [m.mean().item() for m in mean]
     assert unip.choose_layer(layer_means, 0.09) == 3
-    assert unip.choose_layer(layer_means, 0.5) == 1 and unip.choose_layer(layer_means, 0.0) == 2
+    assert unip.choose_layer(layer_means, 0.5, "closest") == 1 and unip.choose_layer(layer_means, 0.0) == 2
+    assert unip.choose_layer(layer_means, 0.5) == 3  # after the peak (layer 1, local) only
 
 
 def test_measure_nmi_equals_per_image_nmi_for_any_batching():

@@ -1,4 +1,5 @@
-"""Tests of bench.py: the analytic FLOP counts, the naive path against the fast one, a quick run."""
+"""Tests of bench.py: the analytic FLOP counts, the naive path against the fast one, a quick run; and of the
+precision the fast paths run in: --amp auto, the explicit attention of CPU bf16 training, bf16 against fp32."""
 import json
 import math
 import os
@@ -10,6 +11,7 @@ import torch
 
 import bench
 import unip
+from train_pretrain import AttentionLogits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -87,22 +89,152 @@ def test_naive_loss_gradient_equals_the_fast_gradient():
 
 def test_quick_run_prints_json_rows():
     cmd = [sys.executable, "bench.py", "--quick", "--device", "cpu", "--threads", "1", "--only", "pretrain,data",
-           "--img", "32", "--students", "vit_tiny", "--teachers", "vit_base@9", "--reps", "1", "--json", "-"]
+           "--img", "32", "--students", "vit_tiny", "--teachers", "vit_base@9", "--reps", "1", "--json", "-",
+           "--amp", "bf16,none"]  # both precisions, alternating; bf16 runs (emulated if need be) on any CPU
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout)  # stdout holds the JSON alone; the table went to stderr
     assert {"device", "torch", "amp", "peak_tflops", "config", "rows"} <= set(out)
     assert "| section |" in res.stderr
     rows = out["rows"]
-    assert [(r["section"], r["path"]) for r in rows] == [("pretrain", "fast"), ("pretrain", "naive"), ("data", "loader")]
-    keys = {"section", "case", "path", "batch", "img_per_s", "ms_per_step", "mem_gb", "gflop_per_img", "tflops", "mfu_pct"}
+    assert [(r["section"], r["path"], r["amp"]) for r in rows] == [
+        ("pretrain", "fast", "bf16"), ("pretrain", "naive", "bf16"), ("pretrain", "fast", "none"),
+        ("pretrain", "naive", "none"), ("data", "loader", None)]
+    assert out["amp"] == {"bf16": "--amp", "none": "--amp"}
+    keys = {"section", "case", "path", "amp", "batch", "img_per_s", "ms_per_step", "mem_gb", "gflop_per_img", "tflops",
+            "mfu_pct"}
     for r in rows:
         assert keys <= set(r) and r["img_per_s"] > 0 and r["ms_per_step"] > 0
-    fast, naive = rows[0], rows[1]
+    fast, naive, base = rows[0], rows[1], rows[3]  # bf16 fast, bf16 naive, fp32 naive (the baseline)
     assert fast["case"] == "vit_tiny <- vit_base@9" and fast["batch"] == 2
     assert fast["speedup"] > 0 and math.isclose(fast["speedup"], naive["ms_per_step"] / fast["ms_per_step"])
+    assert math.isclose(fast["vs_fp32"], base["ms_per_step"] / fast["ms_per_step"]) and base["vs_fp32"] == 1
+    assert rows[2]["speedup"] == rows[2]["vs_fp32"]  # fp32 fast against fp32 naive, both ways
     assert fast["gflop_per_img"] == naive["gflop_per_img"] > 0 and fast["mfu_pct"] is None  # no peak known on a CPU
     teacher, _ = meta("vit_base", 32)
     student, _ = meta("vit_tiny", 32, last_heads=12)
     expect = bench.vit_flops(teacher, 32, 9) + 3 * bench.vit_flops(student, 32, "last")
     assert math.isclose(fast["gflop_per_img"], expect / 1e9)
+
+
+# ----------------------------------------------------------------------------- precision: --amp auto, bf16 paths
+
+
+@pytest.fixture
+def cpu_units(monkeypatch):
+    """pretend(*units): make torch.cpu report these bf16 units ('amx', 'avx512'; none: a CPU without them)."""
+    monkeypatch.delenv("UNIP_AMP", raising=False)
+
+    def pretend(*units):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: "amx" in units, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: "avx512" in units, raising=False)
+    return pretend
+
+
+def test_auto_amp_is_bf16_only_on_cpus_with_bf16_matrix_units(cpu_units, monkeypatch):
+    cpu_units()  # there bf16 is emulated and slower than fp32: the default stays fp32
+    assert unip.resolve_amp("auto", "cpu") == ("none", "auto: CPU without bf16 matrix units")
+    cpu_units("avx512")
+    assert unip.resolve_amp("auto", "cpu") == ("bf16", "auto: CPU has AVX512-BF16")
+    cpu_units("amx", "avx512")
+    assert unip.resolve_amp("auto", torch.device("cpu")) == ("bf16", "auto: CPU has AMX-BF16")
+    assert unip.resolve_amp("none", "cpu") == ("none", "--amp") and unip.resolve_amp("fp16", "cpu")[0] == "fp16"
+    cpu_units()
+    assert unip.resolve_amp("auto", "cuda") == ("bf16", "auto: cuda")  # GPUs: unchanged, whatever the CPU
+    assert unip.resolve_amp("bf16", "cpu")[0] == "bf16"  # asked for: honoured
+    monkeypatch.setenv("UNIP_AMP", "bf16")  # the environment replaces auto, never an explicit --amp
+    assert unip.resolve_amp("auto", "cpu") == ("bf16", "UNIP_AMP") and unip.resolve_amp("none", "cpu")[0] == "none"
+    monkeypatch.setenv("UNIP_AMP", "fp64")
+    with pytest.raises(ValueError, match="fp64"):
+        unip.resolve_amp("auto", "cpu")
+
+
+def test_auto_amp_stays_fp32_when_the_private_cpu_checks_are_missing_or_fail(cpu_units, monkeypatch):
+    def broken():
+        raise RuntimeError("cpuinfo failed")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", broken, raising=False)
+    assert unip.resolve_amp("auto", "cpu")[0] == "none"
+
+
+def test_every_script_defaults_to_auto_and_the_bench_banner_says_why(cpu_units, capsys):
+    import inspect
+    import train_pretrain
+    import train_seg
+    for mod in (train_pretrain, train_seg, bench):
+        assert mod.parse_config([]).amp.split(",")[0] == "auto", mod.__name__
+        assert "AVX512-BF16" in inspect.getsource(mod.Config), mod.__name__  # the --help text names the units
+    cpu_units("amx")
+    threads = torch.get_num_threads()
+    try:
+        bench.main(["--device", "cpu", "--only", "data", "--quick", "--workers", "0", "--img", "32"])
+    finally:
+        torch.set_num_threads(threads)  # --quick runs on one thread
+    banner = capsys.readouterr().out
+    assert "amp bf16 (auto: CPU has AMX-BF16), none (--amp)" in banner  # the default also measures fp32
+
+
+def bf16_rel_err(a, b):  # relative error of a bf16 result against the fp32 one
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def cosine(a, b):
+    return torch.nn.functional.cosine_similarity(a.flatten().float(), b.flatten().float(), dim=0).item()
+
+
+def test_cpu_bf16_training_takes_explicit_attention_as_accurate_as_sdpa(monkeypatch):
+    q = torch.zeros(1, 1, 4, 8, dtype=torch.bfloat16, requires_grad=True)
+    assert not unip.use_sdpa(q)  # CPU, bf16, gradients: the explicit product
+    assert unip.use_sdpa(q.detach()) and unip.use_sdpa(q.float())  # no gradients, or fp32: SDPA
+    torch.manual_seed(0)
+    attn = unip.Attention(96, 4)
+    x = torch.randn(2, 197, 96)
+
+    def run(bf16):  # output, input gradient, qkv weight gradient
+        xg = x.clone().requires_grad_()
+        attn.zero_grad()
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            y = attn(xg)
+        y.float().square().mean().backward()
+        return y, xg.grad, attn.qkv.weight.grad.clone()
+    ref, explicit = run(False), run(True)
+    monkeypatch.setattr(unip, "use_sdpa", lambda q: True)
+    sdpa = run(True)  # what CPU bf16 training ran before
+    assert explicit[0].dtype == sdpa[0].dtype == torch.bfloat16
+    for e, s, r in zip(explicit, sdpa, ref):
+        assert bf16_rel_err(e, r) < 2e-2 and bf16_rel_err(e, r) < 2 * bf16_rel_err(s, r) + 1e-3
+
+
+def test_bf16_pretraining_step_keeps_logits_and_loss_fp32_and_follows_fp32():
+    torch.manual_seed(0)
+    teacher = unip.ViT(img_size=64, dim=96, depth=3, heads=4).eval().requires_grad_(False)
+    student = unip.ViT(img_size=64, dim=64, depth=3, heads=2, last_heads=4)
+    x = torch.randn(4, 3, 64, 64)
+    out = {}
+    for amp in ("none", "bf16"):
+        student.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", torch.bfloat16, enabled=amp == "bf16"):
+            with torch.no_grad():
+                target = AttentionLogits(teacher, 3)(x)
+            logits = AttentionLogits(student, 3)(x)
+            loss = unip.distill_loss(logits, target)
+        loss.backward()
+        assert target.dtype == logits.dtype == loss.dtype == torch.float32
+        out[amp] = loss.item(), {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    (l32, g32), (l16, g16) = out["none"], out["bf16"]
+    assert abs(l16 - l32) < 1e-2 * l32 and set(g16) == set(g32)
+    for n in g32:  # every gradient points the same way as in fp32
+        assert cosine(g16[n], g32[n]) > 0.99, n
+
+
+def test_bf16_segmentation_and_slide_inference_follow_fp32():
+    torch.manual_seed(0)
+    seg = unip.Segmenter(unip.ViT(img_size=64, dim=64, depth=2, heads=2), 5).eval()
+    img = torch.randn(1, 3, 64, 96)  # two windows of 64, stride 43
+    ref = unip.slide_inference(seg, img, 5, crop=64, stride=43)
+    with torch.autocast("cpu", torch.bfloat16):
+        low = unip.slide_inference(seg, img, 5, crop=64, stride=43)
+    assert low.dtype == torch.float32 and bf16_rel_err(low, ref) < 3e-2
+    assert (low.argmax(1) == ref.argmax(1)).float().mean() > 0.95
+    one_by_one = unip.slide_inference(seg, img, 5, crop=64, stride=43, batch=1)  # windows batched or not: the same
+    torch.testing.assert_close(one_by_one, ref, rtol=1e-5, atol=1e-5)

@@ -213,8 +213,53 @@ def test_scut_preset_maps_cityscapes_ids(tmp_path):
     (tmp_path / 'train.txt').write_text('a\n')
     (tmp_path / 'val.txt').write_text('b\n')
     ds = data.scut(tmp_path, 'val', transform=raw)
-    assert ds.name(0) == 'b' and ds.num_classes == 10
+    assert ds.name(0) == 'b' and ds.num_classes == 10 and ds.label_form == 'ids'
     assert ds[0][1][0].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 255, 255]
+
+
+def scut_tree(root, labels):
+    """A made-up SCUT-Seg copy: images/, labels/, train.txt listing every stem."""
+    stems = [f's{k}' for k in range(len(labels))]
+    seg_tree(root, 'images', 'labels', stems, '.jpg', [np.asarray(lab, np.uint8).reshape(2, -1) for lab in labels])
+    (root / 'train.txt').write_text('\n'.join(stems) + '\n')
+    return root
+
+
+def test_scut_label_forms_are_detected(tmp_path):
+    # the reference's form: classes 0..9 already; "tree" is 7, which the Cityscapes-id table would make "road"
+    ds = data.scut(scut_tree(tmp_path / 'index', [[0, 7, 1, 2], [0, 9, 255, 7], [0, 0, 7, 7]]), transform=raw)
+    assert ds.label_form == 'index' and ds[0][1].ravel().tolist() == [0, 7, 1, 2] and ds[1][1].max() == 255
+    # raw Cityscapes ids (the third file, only 0 and 7, fits both forms and decides nothing)
+    ds = data.scut(scut_tree(tmp_path / 'ids', [[0, 7, 24, 26], [21, 17, 33, 255], [0, 0, 7, 7]]), transform=raw)
+    assert ds.label_form == 'ids' and ds[0][1].ravel().tolist() == [0, 1, 2, 4] and ds[1][1].ravel().tolist() == [7, 9, 255, 255]
+    assert data.scut_label_form(ds.labels) == 'ids'
+
+
+def test_scut_mixed_or_unclear_labels_are_refused(tmp_path):
+    mixed = scut_tree(tmp_path / 'mixed', [[0, 7, 24, 26], [0, 1, 2, 9], [0, 3, 7, 7]])
+    with pytest.raises(ValueError, match=r'mixed: 1 files hold raw Cityscapes ids .*s0\.png.*\[0, 7, 24, 26\].* 2 hold '
+                                         r'class indices 0\.\.9 .*s1\.png.*--scut-labels'):
+        data.scut(mixed)
+    assert data.scut(mixed, label_form='index', transform=raw)[1][1].ravel().tolist() == [0, 1, 2, 9]  # forced
+    unclear = scut_tree(tmp_path / 'unclear', [[0, 7, 7, 255], [0, 0, 0, 7]])
+    with pytest.raises(ValueError, match=r'2 readable label files hold only 0, 7 and 255.*label_form'):
+        data.scut(unclear)
+    assert data.scut(unclear, label_form='ids', transform=raw)[0][1].ravel().tolist() == [0, 1, 1, 255]
+    assert data.scut(unclear, label_form='index', transform=raw)[0][1].ravel().tolist() == [0, 7, 7, 255]
+    with pytest.raises(ValueError, match=r'neither classes 0\.\.9 nor Cityscapes ids .*values \[0, 128\]'):
+        data.scut(scut_tree(tmp_path / 'other', [[0, 128, 0, 0], [0, 7, 24, 24]]))
+    with pytest.raises(ValueError, match='label_form'):
+        data.scut(mixed, label_form='cityscapes')
+
+
+def test_label_counts_after_the_label_map(tmp_path):
+    seg_tree(tmp_path, 'img', 'lab', ['a', 'b'], '.png', [np.array([[0, 0, 255, 255]], np.uint8)] * 2)
+    lut = np.arange(256)
+    lut[255] = 1
+    counts = data.SegFolder(tmp_path / 'img', tmp_path / 'lab', classes=['bg', 'fg'], label_map=lut).label_counts()
+    assert counts.shape == (256,) and counts[0] == 4 and counts[1] == 4 and counts.sum() == 8
+    raw_counts = data.SegFolder(tmp_path / 'img', tmp_path / 'lab', classes=['bg', 'fg']).label_counts()
+    assert raw_counts[0] == 4 and raw_counts[255] == 4 and raw_counts[1] == 0
 
 
 def test_label_errors_name_the_file(tmp_path):

@@ -1,6 +1,7 @@
-"""Tests of the segmentation side: unip.py §7 (LL-FPN, UperNet, probes, layer decay, sliding window, mIoU)
-and train_seg.py (schedule, loss, 2-step runs of every mode, --init, resume, torchrun, a real folder set).
-CPU only. UNIP_SAMPLE_DATA=/path/to/shared/data enables the test on real thermal images."""
+"""Tests of the segmentation side: unip.py §7 (LL-FPN, UperNet, probes, layer decay, sliding window, mIoU,
+head initialisation) and train_seg.py (schedule, loss, the reference's defaults, 2-step runs of every mode,
+--init, resume, torchrun, SCUT-Seg label forms, fp16, labels that cannot teach a class, damaged checkpoints,
+a real folder set). CPU only. UNIP_SAMPLE_DATA=/path/to/shared/data enables the tests on real thermal images."""
 import json
 import math
 import os
@@ -9,9 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -139,6 +142,17 @@ def test_layer_decay_groups_match_the_recipe():
     assert wd["backbone.blocks.3.attn.qkv.weight"] == 0.05 and wd["backbone.blocks.3.norm1.weight"] == 0.0
 
 
+def test_heads_initialised_as_mmseg():
+    # mmseg 0.11: ConvModule convs kaiming-normal (fan_out, relu), decode heads' conv_seg N(0, 0.01), bias 0
+    seg = unip.Segmenter(unip.vit_small(img_size=64), num_classes=5)
+    for conv in (seg.head.fpn[0][0], seg.head.fuse[0], seg.head.lateral[1][0], seg.aux_head.conv[0]):
+        fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        assert abs(conv.weight.std().item() / math.sqrt(2 / fan_out) - 1) < 0.05 and conv.bias is None
+    for cls in (seg.head.classifier, seg.aux_head.classifier, tiny_seg("linear").head):
+        assert abs(cls.weight.std().item() - 0.01) < 0.002 and abs(cls.weight.mean().item()) < 0.002
+        assert not cls.bias.any()
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -171,7 +185,7 @@ def test_slide_inference_covers_every_pixel_at_odd_sizes(H, W, crop, stride):
     calls = []
 
     def identity(x):  # logits = the window itself: the average of the windows must give back the image
-        calls.append(tuple(x.shape[-2:]))
+        calls.extend([tuple(x.shape[-2:])] * (x.shape[0] // 2))  # one entry per window (2 images each, batched)
         return x, None
 
     out = unip.slide_inference(identity, img, 3, crop=crop, stride=stride)
@@ -211,6 +225,36 @@ def test_config_cli():
     cfg = train_seg.parse_config(["--batch-size", "3", "--keep-distilled-heads", "--label-map", "255:1"])
     assert cfg.batch_size == 3 and cfg.keep_distilled_heads and cfg.label_map == "255:1" and cfg.lr == 1e-4
     assert train_seg.parse_config([]) == train_seg.Config()
+
+
+def test_reference_defaults_and_the_vit_large_recipe():
+    d = train_seg.Config()  # every reference config: init_values=1. (layer scale); evaluation every 800 / 700
+    assert d.layer_scale == 1.0 and d.eval_every == -1 and train_seg.EVAL_EVERY == {"soda": 800, "mfnet": 700, "scut": 800}
+    assert (d.drop_path, d.layer_decay, d.pyramid, d.batch_size) == (0.1, 0.85, "ll", 0)
+    # ViT-L: drop path 0.2, layer decay 0.65, out_indices [7, 11, 15, 23], samples_per_gpu 2 ...
+    cfg = train_seg.parse_config(["--model", "vit_large"])
+    assert (cfg.drop_path, cfg.layer_decay, cfg.pyramid, cfg.batch_size) == (0.2, 0.65, "multi", 2)
+    assert unip.multi_layers(24) == (8, 12, 16, 24)
+    # ... unless a flag says otherwise (abbreviated flags included)
+    cfg = train_seg.parse_config(["--model", "vit_large", "--drop-path", "0.1", "--layer-dec", "0.85", "--pyramid", "ll"])
+    assert (cfg.drop_path, cfg.layer_decay, cfg.pyramid, cfg.batch_size) == (0.1, 0.85, "ll", 2)
+    assert train_seg.parse_config(["--model", "vit_small"]).drop_path == 0.1
+
+
+def test_check_labels_refuses_0_255_masks_and_warns_about_absent_classes():
+    counts = np.zeros(256, np.int64)
+    counts[0], counts[255] = 95, 5  # binary masks read without --label-map: the foreground is all "ignore"
+    with pytest.raises(SystemExit, match=r"only the values 0 and 255.*udder never learnt.*--label-map 255:1"):
+        train_seg.check_labels(counts, ["background", "udder"], 60)
+    counts[1], counts[255] = 5, 0
+    assert train_seg.check_labels(counts, ["background", "udder"], 60) is None
+    counts[7] = 1  # a value that is no class: refused before training, not in a loader worker
+    with pytest.raises(SystemExit, match=r"values \[7\] that are neither classes 0\.\.1 nor the ignore value"):
+        train_seg.check_labels(counts, ["background", "udder"], 60)
+    counts[7] = 0
+    warning = train_seg.check_labels(counts, ["background", "udder", "tail"], 60)
+    assert warning.startswith("WARNING: 1 of 3 classes never occur in the 60 training label files: tail.")
+    assert "0: 95.0%, 1: 5.0%" in warning and "--label-map" in warning
 
 
 @pytest.fixture(scope="module")
@@ -266,6 +310,10 @@ def test_resume_continues_exactly(tmp_path):
     p = run("--out", tmp_path / "nan", "--resume", a / "ckpt.pt", "--lr", 1e38, *args, ok=False)
     assert "FloatingPointError: non-finite loss at step" in p.stderr and f"last good checkpoint: {a / 'ckpt.pt'}" in p.stderr
     assert not (tmp_path / "nan" / "ckpt.pt").exists() and unip.load_checkpoint(a / "ckpt.pt")["step"] == 2
+    # a checkpoint of another architecture: the settings that differ are named, no traceback
+    p = run("--out", tmp_path / "x", "--resume", a / "ckpt.pt", "--eval-only", "--layer-scale", 0, *args, ok=False)
+    assert "does not fit this model" in p.stderr and "written with --layer-scale 1.0" in p.stderr
+    assert "Traceback" not in p.stderr
     p = run("--out", a, "--resume", "auto", *args)
     assert "resumed from" in p.stdout and "finetune on blocks (4, 6, 8, 12)" in p.stdout
     run("--out", b, *args)
@@ -296,9 +344,105 @@ def test_clear_errors(tmp_path):
     assert "--label-map" in run("--help").stdout
 
 
+class _Unsafe:  # a class that weights_only=True refuses to unpickle
+    pass
+
+
+def test_damaged_checkpoint_is_told_apart_from_an_unsafe_one(tmp_path, pretrain_ckpt):
+    path, _ = pretrain_ckpt
+    whole = path.read_bytes()
+    for n in (0, 100, len(whole) // 2, len(whole) - 10):  # an interrupted copy or download
+        cut = tmp_path / f"cut{n}.pt"
+        cut.write_bytes(whole[:n])
+        with pytest.raises(unip.CheckpointError, match=r"damaged or incomplete \(" + f"{n:,}" + r" bytes") as e:
+            unip.load_checkpoint(cut)
+        assert "previous checkpoint" in str(e.value) and "weights_only" not in str(e.value)
+    torch.save({"model": {}, "extra": _Unsafe()}, tmp_path / "unsafe.pt")
+    with pytest.raises(unip.CheckpointError, match=r"holds a [\w.]*_Unsafe object.*weights_only=False") as e:
+        unip.load_checkpoint(tmp_path / "unsafe.pt")
+    assert "damaged or incomplete" not in str(e.value)
+    # the scripts: one line, no traceback, a non-zero exit
+    for flag in ("--init", "--resume"):
+        p = run("--out", tmp_path / "run", *SMALL, flag, tmp_path / f"cut{len(whole) // 2}.pt", ok=False)
+        assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
+        assert p.stderr.strip().startswith("error: ") and "damaged or incomplete" in p.stderr
+
+
+@pytest.mark.parametrize("script,args", [
+    ("analyze.py", ["--arch", "vit_tiny", "--num-images", "2", "--checkpoint"]),
+    ("train_pretrain.py", ["--teacher-arch", "vit_tiny", "--model", "vit_tiny", "--batch-size", "2",
+                           "--effective-batch", "2", "--workers", "0", "--teacher"]),
+    ("predict.py", ["--checkpoint"])])
+def test_other_scripts_report_a_damaged_checkpoint_in_one_line(tmp_path, pretrain_ckpt, script, args):
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(pretrain_ckpt[0].read_bytes()[:5000])
+    for k in range(4):
+        Image.fromarray(np.full((32, 32), 60 * k, np.uint8)).save(tmp_path / f"{k}.png")
+    extra = {"train_pretrain.py": ["--infrared", tmp_path], "predict.py": ["--images", tmp_path]}.get(script, [])
+    p = run("--out", tmp_path / "out", *args, cut, *extra, cmd=[sys.executable, str(ROOT / script)], ok=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert f"error: {cut} is damaged or incomplete (5,000 bytes" in p.stderr
+
+
+def fake_folder(root, labels, stems=None, suffix=".png"):
+    """Grey images with their label maps (uint8 arrays) in root/images and root/labels."""
+    stems = stems or [f"f{k}" for k in range(len(labels))]
+    for d in ("images", "labels"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for stem, lab in zip(stems, labels):
+        img = (lab.astype(np.float32) * 9 + rng.normal(100, 20, lab.shape)).clip(0, 255).astype(np.uint8)
+        Image.fromarray(img).save(root / "images" / (stem + suffix))
+        Image.fromarray(lab.astype(np.uint8)).save(root / "labels" / (stem + ".png"))
+    return stems
+
+
+def blobs(values, size=64, k=0):
+    """(size, size) label: background 0 and a square of each value."""
+    lab = np.zeros((size, size), np.uint8)
+    for j, v in enumerate(values):
+        y, x = (8 + 20 * j + 3 * k) % (size - 16), (4 + 24 * j + 5 * k) % (size - 16)
+        lab[y:y + 16, x:x + 16] = v
+    return lab
+
+
+def test_binary_masks_without_label_map_are_refused(tmp_path):
+    fake_folder(tmp_path, [blobs([255], k=k) for k in range(4)])
+    args = ["--out", tmp_path / "run", *SMALL, "--dataset", "folder", "--data-root", tmp_path, "--classes", "background,udder"]
+    p = run(*args, ok=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert "only the values 0 and 255" in p.stderr and "--label-map 255:1" in p.stderr
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+def test_scut_index_labels_in_fp16_with_the_reference_defaults(tmp_path):
+    # a SCUT-Seg copy in the reference's form (classes 0..9: road 1, person 2, tree 7), read as such, not as
+    # Cityscapes ids (which would turn person into ignore and tree into road); fp16 autocast + loss scaler
+    root = tmp_path / "scut"
+    stems = fake_folder(root, [blobs([1, 2, 7], k=k) for k in range(4)], suffix=".jpg")
+    (root / "train.txt").write_text("\n".join(stems[:3]) + "\n")
+    (root / "val.txt").write_text(stems[3] + "\n")
+    out = tmp_path / "run"
+    p = run("--out", out, "--steps", 2, *SMALL, "--dataset", "scut", "--data-root", root, "--amp", "fp16")
+    assert "SCUT-Seg labels: class indices 0..9 (detected)" in p.stdout
+    assert "WARNING: 6 of 10 classes never occur in the 3 training label files: rider, car, truck, fence, bus, pole." in p.stdout
+    assert "amp fp16" in p.stdout and "evaluation every 800 steps and at the end" in p.stdout
+    assert "layer scale 1 (trainable)" in p.stdout
+    ck = unip.load_checkpoint(out / "ckpt.pt")
+    assert ck["scaler"]["scale"] > 1 and ck["config"]["amp"] == "fp16"  # the loss scaler was on
+    assert "backbone.blocks.11.gamma_2" in ck["model"]
+    iou = [r for r in rows(out) if "miou" in r][-1]["iou"]
+    assert iou["tree"] is not None and iou["person"] is not None  # present in the validation label, not ignored
+    arch = ck["segmenter"]
+    assert arch["classes"][7] == "tree" and arch["palette"][7] == [107, 142, 35] and arch["crop"] == 64
+
+
 @pytest.mark.skipif(not os.environ.get("UNIP_SAMPLE_DATA"), reason="set UNIP_SAMPLE_DATA to the shared data folder")
 def test_folder_dataset_on_real_thermal_masks(tmp_path):
     root = Path(os.environ["UNIP_SAMPLE_DATA"]) / "buffalo_udder_thermal_seg"
+    p = run("--out", tmp_path, *SMALL, "--dataset", "folder", "--data-root", root, "--classes", "background,udder",
+            ok=False)  # the 0/255 masks without --label-map: every udder pixel would be ignored
+    assert p.returncode != 0 and "--label-map 255:1" in p.stderr and "Traceback" not in p.stderr
     run("--out", tmp_path, "--steps", 2, *SMALL, "--eval-images", 2, "--dataset", "folder", "--data-root", root,
         "--classes", "background,udder", "--label-map", "255:1")
     ev = [r for r in rows(tmp_path) if "miou" in r]

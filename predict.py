@@ -1,0 +1,144 @@
+"""
+Segment new, unlabelled infrared images with a train_seg.py checkpoint: one index mask and one colour overlay
+per image, computed exactly as train_seg.py evaluates (short side resized, sliding windows at the training
+crop, logits resized back to the image, argmax).
+
+    python predict.py --checkpoint runs/seg/best.pt --images frames/ --out runs/predict
+    python predict.py --checkpoint best.pt --images list.txt      # a text file of image paths, one a line
+
+Writes OUT/masks/<name>.png (mode L: the class index of every pixel, at the image's size as displayed),
+OUT/overlays/<name>.png (the grey frame with class colours blended in; classes coloured black, e.g. background,
+stay grey) and OUT/classes.json (index -> name and colour). <name> is the path below the image folder.
+Images are decoded as in training: 16-bit / float frames stretched to 8 bits, EXIF orientation applied,
+and for a model trained on MFNet the thermal channel of its 4-channel RGB-T PNGs (channel 3).
+A file that cannot be decoded is skipped and named at the end.
+In your own code: seg = unip.load_segmenter(path) gives the same model (see unip.load_segmenter).
+"""
+import argparse
+import dataclasses
+import inspect
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+import data
+import unip
+
+
+@dataclass
+class Config:
+    checkpoint: str = ""        # train_seg.py checkpoint (best.pt or ckpt.pt)
+    images: str = ""            # image folder (searched recursively), one image file, or a .txt list of image paths
+    out: str = "runs/predict"   # output folder: masks/, overlays/, classes.json
+    channel: int = -1           # read this channel of multi-channel images raw (-1: an MFNet model's channel 3 of 4)
+    alpha: float = 0.5          # opacity of the class colours in the overlays
+    amp: str = "auto"           # auto | bf16 | fp16 | none (auto as in training: unip.resolve_amp)
+    device: str = "auto"        # auto | cpu | cuda | cuda:N
+
+
+def parse_config(argv=None) -> Config:
+    # CLI generated from the fields; help text = the trailing comment of each field
+    helps = dict(re.findall(r"^\s+(\w+):.*#\s*(.+)$", inspect.getsource(Config), re.M))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Config):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                       help=f"{helps.get(f.name, '')} (default: {f.default})")
+    return Config(**vars(p.parse_args(argv)))
+
+
+def image_paths(source):
+    """(paths, root): the images of a folder (recursively, sorted), of a .txt list, or one file; names of the
+    outputs are the paths relative to root."""
+    if os.path.isdir(source):
+        found = (os.path.join(d, f) for d, _, fs in os.walk(source) for f in fs)
+        paths, root = sorted(p for p in found if p.lower().endswith(data.IMG_EXTS)), source
+    elif source.lower().endswith(".txt") and os.path.isfile(source):
+        with open(source) as f:
+            paths = [line.strip() for line in f if line.strip()]
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} images listed in {source} do not exist, e.g. {missing[:3]}")
+        root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths]) if paths else ""
+    elif os.path.isfile(source):
+        paths, root = [source], os.path.dirname(source)
+    else:
+        raise FileNotFoundError(f"--images {source!r}: no such folder, image or .txt list")
+    if not paths:
+        raise FileNotFoundError(f"no images ({', '.join(data.IMG_EXTS)}) in {source}")
+    return paths, root
+
+
+def main(argv=None):
+    # ------------------------------------------------------------------ config and setup
+    cfg = parse_config(argv)
+    if not cfg.checkpoint or not cfg.images:
+        raise SystemExit("give --checkpoint (a train_seg.py checkpoint) and --images (a folder, an image or a .txt list)")
+    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    amp, amp_why = unip.resolve_amp(cfg.amp, device)
+    autocast = torch.autocast(device.type, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp),
+                              enabled=amp != "none")
+
+    # ------------------------------------------------------------------ images and model
+    paths, root = image_paths(cfg.images)
+    seg = unip.load_segmenter(cfg.checkpoint, device)
+    rgbt = seg.config.get("dataset") == "mfnet"  # MFNet's public PNGs keep the thermal frame in channel 3 of 4
+    to_input = data.SegEvalTransform(short_side=seg.short_side)
+    print(f"{cfg.checkpoint}: {seg.config.get('model')} {seg.mode}, {seg.num_classes} classes "
+          f"({', '.join(seg.classes)}) | {len(paths)} images | short side {seg.short_side}, windows {seg.crop} "
+          f"stride {seg.stride} | device {device} | amp {amp} ({amp_why})")
+    for sub in ("masks", "overlays"):
+        os.makedirs(os.path.join(cfg.out, sub), exist_ok=True)
+    with open(os.path.join(cfg.out, "classes.json"), "w") as f:
+        json.dump({"checkpoint": cfg.checkpoint, "classes": seg.classes, "palette": seg.palette}, f, indent=1)
+
+    def read(path):  # (H, W) uint8, decoded as in training
+        channel = cfg.channel
+        if channel < 0 and rgbt:
+            with Image.open(path) as im:  # the header only
+                channel = 3 if len(im.getbands()) == 4 else -1
+        return data.load_channel(path, channel) if channel >= 0 else data.load_grey(path)
+
+    # ------------------------------------------------------------------ loop
+    skipped = []
+    for path in tqdm(paths, desc="predict", dynamic_ncols=True):
+        try:
+            img = read(path)
+        except (OSError, ValueError) as e:
+            skipped.append(path)
+            tqdm.write(f"skipping {path}: {e}")
+            continue
+        x, _ = to_input(img, None)  # (3, h', w'), short side resized, normalised
+        with torch.no_grad(), autocast:  # (1, K, h', w'), fp32
+            logits = unip.slide_inference(seg, x[None].to(device), seg.num_classes, seg.crop, seg.stride)
+        pred = F.interpolate(logits.float(), size=img.shape, mode="bilinear", align_corners=False).argmax(1)
+        pred = pred[0].to(torch.uint8).cpu().numpy()  # (H, W) class indices at the image's size
+
+        name = os.path.splitext(os.path.relpath(os.path.abspath(path), os.path.abspath(root)))[0] + ".png"
+        colour = data.colorize(pred, seg.palette)  # (H, W, 3)
+        grey = np.repeat(img[..., None], 3, 2).astype(np.float32)
+        tint = colour.any(-1, keepdims=True) * cfg.alpha  # black classes (background) stay grey
+        overlay = (grey * (1 - tint) + colour * tint + 0.5).astype(np.uint8)
+        for sub, arr in (("masks", pred), ("overlays", overlay)):
+            dst = os.path.join(cfg.out, sub, name)
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            Image.fromarray(arr).save(dst)
+
+    done = len(paths) - len(skipped)
+    print(f"wrote {done} masks and overlays to {cfg.out}/masks, {cfg.out}/overlays"
+          + (f"; skipped {len(skipped)} files that cannot be decoded: {', '.join(skipped[:5])}" if skipped else ""))
+    if not done:
+        raise SystemExit("error: none of the images could be decoded")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except unip.USER_ERRORS as e:  # a missing file, a damaged checkpoint: one line, no traceback
+        raise SystemExit(f"error: {e}") from None
