@@ -262,7 +262,7 @@ def draw_curves(models, thresholds, target, path, title):
     dashed(d, (lx, ly + 64), (lx + 30, ly + 64), grey)
     d.ellipse([lx + 6, ly + 78, lx + 24, ly + 96], outline=grey, width=3)
     for dy, s in ((17, "one head (mean over images)"), (42, f"hybrid band {thresholds[0]:g}-{thresholds[1]:g}"),
-                  (64, f"target {target:g}"), (87, "layer to distil (mean NMI"), (105, "closest to target)")):
+                  (64, f"target {target:g}"), (87, "layer to distil (closest to"), (105, "target, by --layer-rule)")):
         text(d, (lx + 36, ly + dy), s, fs, "lm")
     im.save(path)
 
