@@ -136,9 +136,10 @@ def main(argv=None):
         # ------------------------------------------------------------ synthetic: a teacher trained from scratch
         seg_common = ["--dataset", "synthetic", "--crop", cfg.size, "--eval-every", 0, "--log-every", 10, *common]
         teacher_ckpt, n_unlabelled = out("teacher", "ckpt.pt"), 2000
+        # --layer-scale 0: a plain ViT like the pre-trained teachers, so the vit_* preset loads it in the next stages
         stage("teacher: train a ViT from scratch", "train_seg.py", *seg_common, "--model", cfg.teacher_arch,
-              "--iters", cfg.teacher_iters, "--lr", cfg.teacher_lr, "--out", out("teacher"), "--resume", "auto",
-              done=out("teacher", "done"))
+              "--iters", cfg.teacher_iters, "--lr", cfg.teacher_lr, "--layer-scale", 0, "--out", out("teacher"),
+              "--resume", "auto", done=out("teacher", "done"))
         analyse_args = ["--img-size", cfg.size]
         seg_common += ["--train-images", cfg.label_budget]
         unlabelled = ""
