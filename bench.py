@@ -27,8 +27,7 @@ Conventions.
     torch.utils.flop_counter (math attention so it is counted). The naive path is charged the same useful
     FLOPs, so its MFU shows the waste. MFU = FLOPs/s / peak (--peak-tflops, else the device's dense
     bf16/fp16 peak; fp32 runs are compared with half of it, the TF32 peak).
-  Memory: peak minus the level before the case was built, so weights + optimiser state + activations (the
-    frozen teacher, shared by a case's paths and precisions, is charged to each by its weights' bytes).
+  Memory: peak minus the level before the case was built, so weights + optimiser state + activations.
     CUDA: max_memory_allocated. CPU: peak RSS (VmHWM) after resetting it through /proc/self/clear_refs,
     so every case is measured on its own in one process. Loader workers are other processes: not counted.
 """
@@ -298,8 +297,8 @@ def main(argv=None):
     students = (cfg.students or ("vit_tiny,vit_small,vit_base" if cuda and not q else "vit_tiny,vit_small")).split(",")
     why = dict(unip.resolve_amp(a, device) for a in cfg.amp.split(","))  # {precision: why}, in order, no repeats
     amps = list(why)
-    autocast = lambda amp: torch.autocast(device.type, torch.float16 if amp == "fp16" else torch.bfloat16,
-                                          enabled=amp != "none")
+    low = lambda amp: torch.float16 if amp == "fp16" else torch.bfloat16
+    autocast = lambda amp: torch.autocast(device.type, low(amp), enabled=amp != "none")
     if cuda:
         torch.cuda.set_device(device.index or 0)  # plain 'cuda': GPU 0 (set_device wants an index)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train_pretrain.py
@@ -326,13 +325,13 @@ def main(argv=None):
         say(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if v is not None))
         return row
 
-    def add_case(section, case, n, results, flops_per_img=None, shared_bytes=0):
+    def add_case(section, case, n, results, flops_per_img=None):
         """results {(path, amp): (s/step, peak bytes)} of one case -> a row each, with fast/naive in each
         precision and 'x fp32', the speed against the case's fp32 baseline (its naive path where it has one)."""
         base = results.get(("naive", "none")) or results.get(("fast", "none"))
         for (path, amp), (sec, mem) in results.items():
             naive = results.get(("naive", amp)) if path == "fast" else None
-            add(section, case, path, n, sec, None if mem is None else mem + shared_bytes, flops_per_img, amp,
+            add(section, case, path, n, sec, mem, flops_per_img, amp,
                 speedup=naive and naive[0] / sec, vs_fp32=base and base[0] / sec)
 
     protos = {}
@@ -345,7 +344,8 @@ def main(argv=None):
         return protos[key]
 
     # ---------------------------------------------------------------- pre-training: NMI-HAD step, fast and naive
-    def pretrain_step(teacher, s_proto, layer, naive, amp):
+    def pretrain_step(t_proto, s_proto, layer, naive, amp):
+        teacher = clone(t_proto, device, depth=layer).eval().requires_grad_(False)  # stops at the distilled layer
         student = clone(s_proto, device).train()
         depth = len(student.blocks)
         if naive:  # the reference: explicit attention everywhere, nothing frozen, AdamW not fused
@@ -384,19 +384,18 @@ def main(argv=None):
                 s_proto = proto(student_arch, img_size=img, drop_path=0.1, last_heads=heads)
                 # analytic model FLOPs per image: teacher forward + student forward and backward (= 2x forward)
                 flops = vit_flops(t_proto, img, layer) + 3 * vit_flops(s_proto, img, "last")
-                # one frozen teacher for the case's paths and precisions, stopping at the distilled layer; its
-                # weights are charged to each of them
-                teacher = clone(t_proto, device, depth=layer).eval().requires_grad_(False)
-                teacher_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
                 if cfg.compile:  # a fresh start per case: dynamo recompiles a function at most 8 times
                     torch._dynamo.reset()
                 if not rows:  # one untimed step first, so that the first case does not also pay the process's
-                    pretrain_step(teacher, s_proto, layer, True, amps[0])()  # one-time costs (pages, workspaces)
-                builds = {(path, amp): functools.partial(pretrain_step, teacher, s_proto, layer, path == "naive", amp)
+                    pretrain_step(t_proto, s_proto, layer, True, amps[0])()  # one-time costs (pages, workspaces)
+                t_low = {}  # the fast path's teacher as train_pretrain.py keeps it: weights in the autocast dtype
+                for amp in set(amps) - {"none"}:
+                    t = clone(t_proto, torch.device("cpu"), depth=layer)
+                    t_low[amp] = unip.autocast_weights_(t, low(amp), keep=[t.blocks[layer - 1].attn.qkv])
+                builds = {(path, amp): functools.partial(pretrain_step, t_low.get(amp, t_proto) if path == "fast"
+                                                         else t_proto, s_proto, layer, path == "naive", amp)
                           for amp in amps for path in ("fast", "naive")}
-                add_case("pretrain", f"{student_arch} <- {teacher_arch}@{layer}", batch,
-                         timed(builds), flops, teacher_bytes)
-                del teacher, builds
+                add_case("pretrain", f"{student_arch} <- {teacher_arch}@{layer}", batch, timed(builds), flops)
 
     # ---------------------------------------------------------------- fine-tuning step: ViT-S + LL-FPN + UperNet
     num_classes = 21  # SODA

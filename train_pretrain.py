@@ -212,6 +212,9 @@ def main(argv=None):
     teacher._check_layers([layer])
     del teacher.blocks[layer:]  # the teacher stops at the distilled layer: later blocks never run
     teacher.to(device)
+    if amp != "none":  # frozen, always under autocast: its weights stored as autocast casts them (same numbers)
+        unip.autocast_weights_(teacher, torch.float16 if amp == "fp16" else torch.bfloat16,
+                               keep=[teacher.blocks[layer - 1].attn.qkv])  # the distilled q/k: fp32
     teacher_heads = teacher.blocks[layer - 1].attn.heads
     say(f"distilling teacher layer {layer} ({cfg.teacher_arch}, {teacher_heads} heads)")
 

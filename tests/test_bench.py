@@ -238,3 +238,16 @@ def test_bf16_segmentation_and_slide_inference_follow_fp32():
     assert (low.argmax(1) == ref.argmax(1)).float().mean() > 0.95
     one_by_one = unip.slide_inference(seg, img, 5, crop=64, stride=43, batch=1)  # windows batched or not: the same
     torch.testing.assert_close(one_by_one, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_teacher_stored_in_bf16_gives_the_same_logits_under_autocast():
+    torch.manual_seed(0)
+    teacher = unip.ViT(img_size=64, dim=96, depth=3, heads=4).eval().requires_grad_(False)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        ref = teacher.attention_logits(x, 3)
+        unip.autocast_weights_(teacher, torch.bfloat16, keep=[teacher.blocks[2].attn.qkv])
+        low = teacher.attention_logits(x, 3)
+    assert torch.equal(low, ref) and low.dtype == torch.float32  # autocast cast these weights the same way
+    assert teacher.blocks[0].mlp.fc1.weight.dtype == teacher.patch_embed.proj.weight.dtype == torch.bfloat16
+    assert teacher.blocks[2].attn.qkv.weight.dtype == torch.float32  # the distilled q/k: fp32

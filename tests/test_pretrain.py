@@ -55,6 +55,16 @@ def test_loss_goes_down_and_checkpoint_is_a_full_vit(teacher, tmp_path):
     assert torch.equal(ck["model"]["norm.weight"], torch.ones(192))
 
 
+@pytest.mark.parametrize("amp", ["none", "bf16", "fp16"])
+def test_every_precision_trains_and_saves_fp32(teacher, tmp_path, amp):
+    # under autocast the frozen teacher is stored in the autocast dtype (autocast_weights_); the student and
+    # its checkpoint stay fp32, and the loss is finite in each precision
+    rows = run(TINY + ["--teacher", teacher, "--steps", "2", "--amp", amp], tmp_path)
+    assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)
+    ck = unip.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert {v.dtype for v in ck["model"].values()} == {torch.float32} and ck["config"]["amp"] == amp
+
+
 def test_resume_mid_epoch_gives_identical_weights(teacher, tmp_path):
     args = TINY + ["--teacher", teacher]  # drop path 0.1: the random stream must be restored too
     run(args + ["--steps", "4"], tmp_path / "a")
