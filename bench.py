@@ -20,7 +20,9 @@ Conventions.
     so that other work on the machine slows them alike (CUDA events on the GPU's stream, perf_counter on the
     CPU, or with --cpu-time the process's CPU time: with --threads 1 it leaves out the time other processes
     take the core). img/s = batch / median. fast/naive: the two paths in one precision; x fp32: speed against
-    the case's fp32 baseline (its naive path where it has one). Inputs are random tensors already on the device.
+    the case's fp32 baseline (its naive path where it has one). Both ratios are medians over the rounds of the
+    ratio within a round: a round's steps run back to back, so a slow spell of a shared machine cancels out.
+    Inputs are random tensors already on the device.
   FLOPs: 2 per multiply-add. Pre-training: analytic (vit_flops): patch embedding, linear layers and the
     two attention matmuls; backward = 2x forward; only what the step must run (teacher blocks 1..L-1 plus
     q/k of block L; student blocks 1..11 plus q/k of block 12). Other sections: counted once with
@@ -71,7 +73,7 @@ class Config:
     students: str = ""  # student presets (default: vit_tiny,vit_small,vit_base on CUDA; else without vit_base)
     teachers: str = "vit_base@9,vit_large@18"  # teacher preset@layer (DINO-B layer 9, MAE-L layer 18)
     warmup: int = 0  # untimed steps per case (0: 5 on CUDA; 1 on CPU or with --quick)
-    reps: int = 0  # timed steps per case; its paths and precisions alternate (0: 20 on CUDA, 5 on CPU; 2 --quick)
+    reps: int = 0  # timed steps per case; its paths and precisions alternate (0: 20 on CUDA, 7 on CPU; 2 --quick)
     workers: int = -1  # data-loader worker processes (-1: 8; 2 with --quick)
     infrared: str = ""  # also time an InfMix infrared folder (<dataset>/thermal/* or plain images)
     cudnn_benchmark: bool = True  # torch.backends.cudnn.benchmark, as train_seg.py sets it on CUDA
@@ -209,7 +211,8 @@ def memory_peak(device, mark):
 def measure(builds, device, warmup, reps, clock=time.perf_counter):
     """builds: {name: build}; build() makes the models and returns step(); its memory counts.
     The cases are built and warmed up one at a time (each its own memory peak), then their timed steps
-    alternate, so that other work on the machine slows them alike. -> {name: (median s/step, peak bytes)}."""
+    alternate, so that other work on the machine slows them alike.
+    -> {name: (median s/step, peak bytes, [s/step of each round])}."""
     steps, peaks = {}, {}
     for name, build in builds.items():
         mark = memory_mark(device)
@@ -237,7 +240,12 @@ def measure(builds, device, warmup, reps, clock=time.perf_counter):
                 step()
                 times[name].append(clock() - t)
     del steps
-    return {name: (statistics.median(times[name]), peaks[name]) for name in builds}
+    return {name: (statistics.median(times[name]), peaks[name], times[name]) for name in builds}
+
+
+def round_ratio(slow, fast):
+    """How many times faster `fast` is than `slow`: the median over rounds of slow[r] / fast[r]."""
+    return statistics.median(s / f for s, f in zip(slow, fast))
 
 
 def time_loader(dataset, batch, workers):
@@ -293,7 +301,7 @@ def main(argv=None):
     batch = cfg.batch or (256 if cuda else 2 if q else 8)
     seg_batch = cfg.seg_batch or (8 if cuda and not q else 2)
     # a CPU is ~100x slower than a GPU: fewer steps, no ViT-B student
-    warmup, reps = cfg.warmup or (5 if cuda and not q else 1), cfg.reps or (2 if q else 20 if cuda else 5)
+    warmup, reps = cfg.warmup or (5 if cuda and not q else 1), cfg.reps or (2 if q else 20 if cuda else 7)
     students = (cfg.students or ("vit_tiny,vit_small,vit_base" if cuda and not q else "vit_tiny,vit_small")).split(",")
     why = dict(unip.resolve_amp(a, device) for a in cfg.amp.split(","))  # {precision: why}, in order, no repeats
     amps = list(why)
@@ -326,13 +334,14 @@ def main(argv=None):
         return row
 
     def add_case(section, case, n, results, flops_per_img=None):
-        """results {(path, amp): (s/step, peak bytes)} of one case -> a row each, with fast/naive in each
-        precision and 'x fp32', the speed against the case's fp32 baseline (its naive path where it has one)."""
+        """results {(path, amp): (s/step, peak bytes, round times)} of one case -> a row each, with fast/naive
+        in each precision and 'x fp32', the speed against the case's fp32 baseline (its naive path where it has
+        one), both round by round."""
         base = results.get(("naive", "none")) or results.get(("fast", "none"))
-        for (path, amp), (sec, mem) in results.items():
+        for (path, amp), (sec, mem, times) in results.items():
             naive = results.get(("naive", amp)) if path == "fast" else None
             add(section, case, path, n, sec, mem, flops_per_img, amp,
-                speedup=naive and naive[0] / sec, vs_fp32=base and base[0] / sec)
+                speedup=naive and round_ratio(naive[2], times), vs_fp32=base and round_ratio(base[2], times))
 
     protos = {}
 
