@@ -355,6 +355,8 @@ def main(argv=None):
     # ---------------------------------------------------------------- pre-training: NMI-HAD step, fast and naive
     def pretrain_step(t_proto, s_proto, layer, naive, amp):
         teacher = clone(t_proto, device, depth=layer).eval().requires_grad_(False)  # stops at the distilled layer
+        if not naive and amp != "none":  # as train_pretrain.py keeps it: weights in the autocast dtype, q/k fp32
+            unip.autocast_weights_(teacher, low(amp), keep=[teacher.blocks[-1].attn.qkv])
         student = clone(s_proto, device).train()
         depth = len(student.blocks)
         if naive:  # the reference: explicit attention everywhere, nothing frozen, AdamW not fused
@@ -397,12 +399,7 @@ def main(argv=None):
                     torch._dynamo.reset()
                 if not rows:  # one untimed step first, so that the first case does not also pay the process's
                     pretrain_step(t_proto, s_proto, layer, True, amps[0])()  # one-time costs (pages, workspaces)
-                t_low = {}  # the fast path's teacher as train_pretrain.py keeps it: weights in the autocast dtype
-                for amp in set(amps) - {"none"}:
-                    t = clone(t_proto, torch.device("cpu"), depth=layer)
-                    t_low[amp] = unip.autocast_weights_(t, low(amp), keep=[t.blocks[layer - 1].attn.qkv])
-                builds = {(path, amp): functools.partial(pretrain_step, t_low.get(amp, t_proto) if path == "fast"
-                                                         else t_proto, s_proto, layer, path == "naive", amp)
+                builds = {(path, amp): functools.partial(pretrain_step, t_proto, s_proto, layer, path == "naive", amp)
                           for amp in amps for path in ("fast", "naive")}
                 add_case("pretrain", f"{student_arch} <- {teacher_arch}@{layer}", batch, timed(builds), flops)
 
