@@ -145,7 +145,8 @@ def image_size(path):
         with Image.open(path) as im:
             w, h = im.size
             # the base class's getexif reads EXIF (and XMP) orientation from what the header gave; PNG's own would
-            # decode the whole file to look for an eXIf chunk after the pixel data, which PIL never writes
+            # decode the whole file to look for an eXIf chunk after the pixel data (PIL writes it before; a file
+            # with it after is still caught, by SegFolder.load, when its item is read)
             orientation = Image.Image.getexif(im).get(0x0112, 1)
     except Exception as e:
         raise OSError(f'cannot read the header of {path}: {type(e).__name__}: {e}') from e
