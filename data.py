@@ -64,32 +64,107 @@ def stretch_to_uint8(a):
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
-def load_grey(path):
-    """Any image file -> (H, W) uint8 grey. Raises OSError naming the path if it cannot be decoded.
+# The 4-channel rule. MFNet's public RGB-T PNGs keep the thermal frame in the 4th ('alpha') channel of an RGBA
+# file (channels 0-2: the visible frame, from another camera); an ordinary RGBA file keeps transparency there,
+# nearly always constant (opaque). So, wherever an image is read: an RGBA file whose 4th channel varies is read as
+# that channel (a thermal frame in MFNet's layout), one whose 4th channel is constant as the luma of its RGB.
+# A varying 4th channel that looks like transparency (at least half its pixels at 0 or 255, or only two values)
+# is still read as thermal, with a warning naming the file and the flag to set. channel='luma' (--channel luma)
+# or a channel number (--channel 3) overrides the rule.
+CHANNEL_FLAG = "--channel"   # the command-line flag that overrides the rule, named in warnings
 
-    8-bit modes (L, RGB, RGBA, P, CMYK, 1, LA, ...) go through PIL's ITU-R 601 luma ('L'; alpha
-    is ignored); 16-bit, 32-bit and float modes (I;16, I;16B, I, F) through stretch_to_uint8."""
+
+def parse_channel(s):
+    """--channel value -> load_grey's channel: 'auto' (or -1) -> None (the 4-channel rule), 'luma', or an int >= 0."""
+    s = str(s).strip().lower()
+    if s in ('auto', '-1', ''):
+        return None
+    if s == 'luma':
+        return 'luma'
+    if s.isdigit():
+        return int(s)
+    raise ValueError(f"{CHANNEL_FLAG} {s!r}: expected auto, luma or a channel number (MFNet's thermal channel: 3)")
+
+
+def decode_grey(path, channel=None):
+    """Any image file -> (img (H, W) uint8 grey, source), EXIF orientation applied on every path. `source` says
+    what was read: 'grey', 'luma', 'thermal' (the varying 4th channel of an RGBA file), 'alpha' (luma of the RGB
+    of an RGBA file with a constant 4th channel) or 'channel k'. Raises OSError naming the path if the file cannot
+    be decoded, ValueError if `channel` names a channel the file does not have.
+
+    channel None: 8-bit modes (L, RGB, P, CMYK, 1, LA, ...) through PIL's ITU-R 601 luma ('L'; alpha ignored),
+    16-bit, 32-bit and float modes (I;16, I;16B, I, F) through stretch_to_uint8, RGBA by the 4-channel rule above.
+    channel 'luma': the luma whatever the 4th channel holds; channel k: channel k read raw (16-bit stretched)."""
+    if not (channel is None or channel == 'luma' or isinstance(channel, int) and channel >= 0):
+        raise ValueError(f"channel must be None (the 4-channel rule), 'luma' or a channel number, got {channel!r}")
     try:
         im = _open(path)
-        if im.mode.startswith(('I', 'F')):
-            return stretch_to_uint8(np.asarray(im))
-        return np.array(im.convert('L'))
+        if not isinstance(channel, int) and im.mode.startswith(('I', 'F')):
+            return stretch_to_uint8(np.asarray(im)), 'grey'
+        a = np.asarray(im) if im.mode == 'RGBA' or isinstance(channel, int) else None  # (H, W, C) raw
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, EOFError... on broken files
         raise OSError(f'cannot decode image {path}: {type(e).__name__}: {e}') from e
+    if isinstance(channel, int):
+        if a.ndim != 3 or a.shape[2] <= channel:
+            raise ValueError(f'{path}: wanted channel {channel} ({CHANNEL_FLAG} {channel}), '
+                             f'but the image has shape {a.shape}')
+        c = np.ascontiguousarray(a[..., channel])
+        if c.min() == c.max():
+            warnings.warn(f'{path}: channel {channel} is constant ({c.flat[0]}), so the frame is flat: is this the '
+                          f'channel you meant? ({CHANNEL_FLAG})', RuntimeWarning)
+        return (c if c.dtype == np.uint8 else stretch_to_uint8(c)), f'channel {channel}'
+    luma = lambda: np.array(im.convert('L'))  # RGBA -> L ignores alpha
+    if a is None or channel == 'luma':
+        return luma(), 'luma' if len(im.getbands()) >= 3 else 'grey'
+    alpha = a[..., 3]
+    if alpha.min() == alpha.max():  # plain alpha (opaque, or transparent everywhere): the RGB is the picture
+        return luma(), 'alpha'
+    counts = np.bincount(alpha.ravel(), minlength=256)
+    if counts[0] + counts[255] >= alpha.size / 2 or np.count_nonzero(counts) <= 2:
+        warnings.warn(f'{path}: the 4th channel varies, so it is read as a thermal frame (MFNet\'s RGB-T layout), but '
+                      f'{(counts[0] + counts[255]) / alpha.size:.0%} of its pixels are 0 or 255, as in a transparency '
+                      f'mask; if it is transparency, give {CHANNEL_FLAG} luma', RuntimeWarning)
+    return np.ascontiguousarray(alpha), 'thermal'
+
+
+def load_grey(path, channel=None):
+    """Any image file -> (H, W) uint8 grey; see decode_grey (EXIF orientation, bit depths, the 4-channel rule)."""
+    return decode_grey(path, channel)[0]
 
 
 def load_channel(path, channel):
-    """One channel of a multi-channel file as (H, W) uint8, read raw. MFNet's RGB-T PNGs keep the
-    thermal frame in the 4th ('alpha') channel, which .convert() would drop or blend away."""
+    """Channel `channel` of a multi-channel file as (H, W) uint8, read raw (EXIF orientation applied): MFNet's
+    RGB-T PNGs keep the thermal frame in the 4th ('alpha') channel, which .convert() would drop or blend away."""
+    return decode_grey(path, channel)[0]
+
+
+def image_size(path):
+    """(W, H) of an image as displayed (after its EXIF orientation), read from the header without decoding pixels.
+    OSError naming the path if the header cannot be read."""
     try:
         with Image.open(path) as im:
-            a = np.asarray(im)  # decodes the whole file, so truncation raises here
+            w, h = im.size
+            # the base class's getexif reads EXIF (and XMP) orientation from what the header gave; PNG's own would
+            # decode the whole file to look for an eXIf chunk after the pixel data (PIL writes it before; a file
+            # with it after is still caught, by SegFolder.load, when its item is read)
+            orientation = Image.Image.getexif(im).get(0x0112, 1)
     except Exception as e:
-        raise OSError(f'cannot decode image {path}: {type(e).__name__}: {e}') from e
-    if a.ndim != 3 or a.shape[2] <= channel:
-        raise ValueError(f'{path}: wanted channel {channel}, but the image has shape {a.shape}')
-    a = np.ascontiguousarray(a[..., channel])
-    return a if a.dtype == np.uint8 else stretch_to_uint8(a)
+        raise OSError(f'cannot read the header of {path}: {type(e).__name__}: {e}') from e
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)  # these four turn the frame by 90 degrees
+
+
+def size_mismatches(images, labels):
+    """[(i, message)] for the pairs images[i], labels[i] whose sizes differ, from the file headers (image_size).
+    Files whose header cannot be read are passed over: training skips undecodable items anyway."""
+    found = []
+    for i, (ip, lp) in enumerate(zip(images, labels)):
+        try:
+            (iw, ih), (lw, lh) = image_size(ip), image_size(lp)
+        except OSError:
+            continue
+        if (iw, ih) != (lw, lh):
+            found.append((i, f'{lp} is {lw}x{lh} but {ip} is {iw}x{ih}'))
+    return found
 
 
 def load_label(path):
@@ -345,7 +420,7 @@ class SegFolder(torch.utils.data.Dataset):
     """Images in img_dir, index labels in label_dir with the same stem. The item list is the
     split file (one stem per line) or every *img_suffix file in img_dir, sorted.
     label_map: a 256-entry table applied to raw label values (e.g. Cityscapes ids -> classes);
-    thermal_channel: read that channel raw instead of converting to grey (MFNet RGB-T PNGs).
+    thermal_channel: None (the 4-channel rule of decode_grey), 'luma', or a channel read raw (MFNet RGB-T PNGs: 3).
     classes may be omitted only with a label_map (then num_classes = largest mapped value + 1).
     Items are transform(img (H, W) uint8, label (H, W) int64, rng); default: native size, normalised."""
     ignore_index = IGNORE
@@ -400,7 +475,7 @@ class SegFolder(torch.utils.data.Dataset):
         """(img (H, W) uint8, label (H, W) int64); OSError if a file cannot be decoded,
         ValueError if the label does not fit the image or the class list."""
         ip, lp = self.images[i], self.labels[i]
-        img = load_grey(ip) if self.thermal_channel is None else load_channel(ip, self.thermal_channel)
+        img = load_grey(ip, self.thermal_channel)
         label = load_label(lp)
         if self.label_map is not None:
             if label.dtype != np.uint8:
@@ -429,6 +504,18 @@ class SegFolder(torch.utils.data.Dataset):
                 label = self.label_map[label]
             counts += np.bincount(label[(label >= 0) & (label < 256)], minlength=256)
         return counts
+
+    def size_mismatches(self):
+        """[(i, message)] for the items whose image and label sizes differ, read from the file headers (EXIF
+        orientation applied, no pixels decoded), so that a run can stop before training instead of at the item."""
+        return size_mismatches(self.images, self.labels)
+
+    def drop(self, indices):
+        """Leave the items `indices` out of the dataset (e.g. the pairs size_mismatches found)."""
+        out = set(indices)
+        keep = [i for i in range(len(self)) if i not in out]
+        self.stems, self.images, self.labels = ([v[i] for i in keep] for v in (self.stems, self.images, self.labels))
+        self.bad = {keep.index(i) for i in self.bad if i in keep}
 
     def __getitem__(self, i):
         i = range(len(self))[i]

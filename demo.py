@@ -147,8 +147,15 @@ def main(argv=None):
         # ------------------------------------------------------------ real: split, unlabelled frames
         teacher_ckpt = os.path.abspath(cfg.teacher)
         sys.path.insert(0, HERE)
-        import data  # only for its list of image endings
+        import data  # its list of image endings and the pair check
         img_dir = os.path.join(cfg.labelled, "images")
+        # every labelled pair checked before the first stage (files present, sizes from the headers), not when
+        # fine-tuning reaches it after the distillation has run
+        pairs = data.SegFolder(img_dir, os.path.join(cfg.labelled, "labels"), classes=cfg.classes.split(","))
+        mismatched = [m for _, m in pairs.size_mismatches()]
+        if mismatched:
+            raise SystemExit(f"error: --labelled {cfg.labelled}: {len(mismatched)} image/label pairs differ in size: "
+                             f"{'; '.join(mismatched)}. Fix or remove them before the run")
         stems = sorted(os.path.splitext(f)[0] for f in os.listdir(img_dir) if f.lower().endswith(data.IMG_EXTS))
         val = stems[cfg.val_every - 1::cfg.val_every]
         train = [s for s in stems if s not in set(val)]

@@ -8,10 +8,14 @@ crop, logits resized back to the image, argmax).
 
 Writes OUT/masks/<name>.png (mode L: the class index of every pixel, at the image's size as displayed),
 OUT/overlays/<name>.png (the grey frame with class colours blended in; classes coloured black, e.g. background,
-stay grey) and OUT/classes.json (index -> name and colour). <name> is the path below the image folder.
-Images are decoded as in training: 16-bit / float frames stretched to 8 bits, EXIF orientation applied,
-and for a model trained on MFNet the thermal channel of its 4-channel RGB-T PNGs (channel 3).
-A file that cannot be decoded is skipped and named at the end.
+stay grey) and OUT/classes.json (index -> name and colour). <name> is the path below the image folder with its
+ending replaced by .png; two images that would share a name (a.jpg and a.png) are refused before anything is
+written. Images are decoded as in training (data.decode_grey): 16-bit / float frames stretched to 8 bits, EXIF
+orientation applied, and the 4-channel rule: an RGBA file whose 4th channel varies is read as that channel (the
+thermal frame of MFNet's RGB-T PNGs), one whose 4th channel is constant (plain alpha) as the luma of its RGB;
+--channel luma or --channel N overrides it. A model trained on MFNet given an RGBA file without a thermal 4th
+channel warns, naming the file. A file that cannot be decoded is skipped; the end line counts the images written,
+skipped and warned about, and names the last two.
 In your own code: seg = unip.load_segmenter(path) gives the same model (see unip.load_segmenter).
 """
 import argparse
@@ -20,6 +24,7 @@ import inspect
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,7 +42,7 @@ class Config:
     checkpoint: str = ""        # train_seg.py checkpoint (best.pt or ckpt.pt)
     images: str = ""            # image folder (searched recursively), one image file, or a .txt list of image paths
     out: str = "runs/predict"   # output folder: masks/, overlays/, classes.json
-    channel: int = -1           # read this channel of multi-channel images raw (-1: an MFNet model's channel 3 of 4)
+    channel: str = "auto"       # auto (4-channel rule: varying 4th channel = thermal, constant = alpha) | luma | N (raw)
     alpha: float = 0.5          # opacity of the class colours in the overlays
     amp: str = "auto"           # auto | bf16 | fp16 | none (auto as in training: unip.resolve_amp)
     device: str = "auto"        # auto | cpu | cuda | cuda:N
@@ -75,6 +80,22 @@ def image_paths(source):
     return paths, root
 
 
+def output_names(paths, root):
+    """The mask / overlay name of each image: its path below root, ending replaced by .png. ValueError naming both
+    files of every pair that would get one name (a.jpg and a.png), so that nothing is overwritten in silence."""
+    names, first, clashes = [], {}, []
+    for p in paths:
+        name = os.path.splitext(os.path.relpath(os.path.abspath(p), os.path.abspath(root)))[0] + ".png"
+        if name in first:
+            clashes.append(f"{first[name]} and {p} (both -> {name})")
+        first.setdefault(name, p)
+        names.append(name)
+    if clashes:
+        raise ValueError(f"{len(clashes)} pairs of images would write the same mask and overlay: {'; '.join(clashes)}. "
+                         "Rename or move one image of each pair (outputs are named <image name without ending>.png)")
+    return names
+
+
 def main(argv=None):
     # ------------------------------------------------------------------ config and setup
     cfg = parse_config(argv)
@@ -87,8 +108,10 @@ def main(argv=None):
 
     # ------------------------------------------------------------------ images and model
     paths, root = image_paths(cfg.images)
+    names = output_names(paths, root)
+    channel = data.parse_channel(cfg.channel)
     seg = unip.load_segmenter(cfg.checkpoint, device)
-    rgbt = seg.config.get("dataset") == "mfnet"  # MFNet's public PNGs keep the thermal frame in channel 3 of 4
+    rgbt = seg.config.get("dataset") == "mfnet"  # trained on thermal frames (MFNet's are channel 3 of its RGBA PNGs)
     to_input = data.SegEvalTransform(short_side=seg.short_side)
     print(f"{cfg.checkpoint}: {seg.config.get('model')} {seg.mode}, {seg.num_classes} classes "
           f"({', '.join(seg.classes)}) | {len(paths)} images | short side {seg.short_side}, windows {seg.crop} "
@@ -98,29 +121,38 @@ def main(argv=None):
     with open(os.path.join(cfg.out, "classes.json"), "w") as f:
         json.dump({"checkpoint": cfg.checkpoint, "classes": seg.classes, "palette": seg.palette}, f, indent=1)
 
-    def read(path):  # (H, W) uint8, decoded as in training
-        channel = cfg.channel
-        if channel < 0 and rgbt:
-            with Image.open(path) as im:  # the header only
-                channel = 3 if len(im.getbands()) == 4 else -1
-        return data.load_channel(path, channel) if channel >= 0 else data.load_grey(path)
+    def read(path):
+        """(H, W) uint8 decoded as in training, what was read (data.decode_grey), and the warnings about it."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            img, source = data.decode_grey(path, channel)
+        notes = [str(w.message) for w in caught]
+        if rgbt and source == "alpha":  # an RGBA file whose 4th channel is flat: no thermal frame to read
+            notes.append(f"{path}: this model was trained on MFNet's thermal frames, but the 4th channel of this RGBA "
+                         "file is constant (plain alpha, no thermal frame): predicting from the luma of its RGB instead; "
+                         "give the thermal frames, or --channel luma if the RGB is what you mean")
+        return img, source, notes
 
     # ------------------------------------------------------------------ loop
-    skipped = []
-    for path in tqdm(paths, desc="predict", dynamic_ncols=True):
+    skipped, warned, sources = [], [], {}
+    for path, name in zip(tqdm(paths, desc="predict", dynamic_ncols=True), names):
         try:
-            img = read(path)
+            img, source, notes = read(path)
         except (OSError, ValueError) as e:
             skipped.append(path)
             tqdm.write(f"skipping {path}: {e}")
             continue
+        sources[source] = sources.get(source, 0) + 1
+        if notes:
+            warned.append(path)
+            for note in notes:
+                tqdm.write(f"warning: {note}")
         x, _ = to_input(img, None)  # (3, h', w'), short side resized, normalised
         with torch.no_grad(), autocast:  # (1, K, h', w'), fp32
             logits = unip.slide_inference(seg, x[None].to(device), seg.num_classes, seg.crop, seg.stride)
         pred = F.interpolate(logits.float(), size=img.shape, mode="bilinear", align_corners=False).argmax(1)
         pred = pred[0].to(torch.uint8).cpu().numpy()  # (H, W) class indices at the image's size
 
-        name = os.path.splitext(os.path.relpath(os.path.abspath(path), os.path.abspath(root)))[0] + ".png"
         colour = data.colorize(pred, seg.palette)  # (H, W, 3)
         grey = np.repeat(img[..., None], 3, 2).astype(np.float32)
         tint = colour.any(-1, keepdims=True) * cfg.alpha  # black classes (background) stay grey
@@ -131,8 +163,13 @@ def main(argv=None):
             Image.fromarray(arr).save(dst)
 
     done = len(paths) - len(skipped)
+    read_as = {"grey": "grey", "luma": "luma of RGB", "alpha": "luma of RGB (constant 4th channel: alpha)",
+               "thermal": "4th channel (thermal, by the 4-channel rule)"}
+    if sources:
+        print("images read as: " + ", ".join(f"{n} {read_as.get(s, s)}" for s, n in sorted(sources.items())))
     print(f"wrote {done} masks and overlays to {cfg.out}/masks, {cfg.out}/overlays"
-          + (f"; skipped {len(skipped)} files that cannot be decoded: {', '.join(skipped[:5])}" if skipped else ""))
+          + f"; skipped {len(skipped)} files" + (f" that could not be read: {', '.join(skipped)}" if skipped else "")
+          + f"; warned about {len(warned)} files" + (f" (see the warnings above): {', '.join(warned)}" if warned else ""))
     if not done:
         raise SystemExit("error: none of the images could be decoded")
 

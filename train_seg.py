@@ -82,6 +82,8 @@ class Config:
     classes: str = ""                   # folder: class names 'background,udder' or their number K
     label_map: str = ""                 # folder: raw label value -> class, e.g. '255:1' for 0/255 masks; other values kept
     scut_labels: str = "auto"           # scut: label files hold 'ids' (raw Cityscapes ids) or 'index' (0..9); auto: detect
+    channel: str = "auto"               # image channel: auto (4-channel rule: a varying 4th channel is thermal; mfnet images/: 3) | luma | N
+    skip_mismatched: bool = False       # leave out image/label pairs of different sizes (default: name them all and stop)
     model: str = "vit_tiny"             # backbone: vit_tiny | vit_small | vit_base | vit_large
     init: str = ""                      # pre-trained backbone: train_pretrain.py checkpoint or any unip.load_pretrained format
     keep_distilled_heads: bool = False  # keep the --init checkpoint's last-block head count (config['last_heads'])
@@ -210,12 +212,14 @@ def main(argv=None):
     eval_tf = data.SegEvalTransform(short_side=cfg.eval_size or crop)
     if cfg.dataset != "synthetic" and not os.path.isdir(cfg.data_root):
         raise SystemExit(f"--dataset {cfg.dataset}: data root {cfg.data_root!r} is not a folder (--data-root)")
+    channel = data.parse_channel(cfg.channel)
+    chan = {} if channel is None else dict(thermal_channel=channel)  # auto: the preset's own (mfnet images/: 3)
     if synthetic:
         train_set = data.SyntheticThermal("train", num_images=cfg.train_images or None, transform=train_tf, seed=cfg.seed)
         val_set = data.SyntheticThermal("val", num_images=100, transform=eval_tf, seed=cfg.seed)
     elif cfg.dataset in data.SEG_PRESETS:
         make = data.SEG_PRESETS[cfg.dataset]
-        kw = dict(label_form=cfg.scut_labels) if cfg.dataset == "scut" else {}
+        kw = dict(label_form=cfg.scut_labels, **chan) if cfg.dataset == "scut" else chan
         train_set = make(cfg.data_root, "train", transform=train_tf, seed=cfg.seed, **kw)
         val_set = make(cfg.data_root, cfg.val_split or VAL_SPLITS[cfg.dataset], transform=eval_tf, seed=cfg.seed, **kw)
         if cfg.dataset == "scut":  # the two forms of SCUT-Seg labels; the wrong one turns classes into ignore
@@ -235,7 +239,7 @@ def main(argv=None):
             except (ValueError, IndexError):
                 raise SystemExit(f"--label-map {cfg.label_map!r}: expected 'raw:class,...' in 0..255, e.g. '255:1'")
         kw = dict(img_suffix=cfg.img_suffix, label_suffix=cfg.label_suffix, classes=classes, label_map=label_map,
-                  seed=cfg.seed)
+                  seed=cfg.seed, **chan)
         dirs = os.path.join(cfg.data_root, cfg.img_dir), os.path.join(cfg.data_root, cfg.label_dir)
         split = lambda s: os.path.join(cfg.data_root, s) if s else None
         train_set = data.SegFolder(*dirs, split(cfg.train_split), transform=train_tf, **kw)
@@ -243,6 +247,21 @@ def main(argv=None):
     else:
         raise SystemExit(f"unknown --dataset {cfg.dataset!r}: synthetic | soda | mfnet | scut | folder")
     K, class_names = train_set.num_classes, list(train_set.classes)
+    if not synthetic:  # image/label sizes from the file headers: a mismatch stops the run now, not at its item
+        found = {name: ds.size_mismatches() for name, ds in (("training", train_set), ("validation", val_set))}
+        messages = list(dict.fromkeys(m for pairs in found.values() for _, m in pairs))  # a pair in both sets: once
+        if messages and not cfg.skip_mismatched:
+            raise SystemExit(f"{len(messages)} image/label pairs differ in size (read from the file headers, before "
+                             f"training): {'; '.join(messages)}. Fix or remove them, or give --skip-mismatched to "
+                             "leave them out")
+        for name, pairs in found.items():
+            if pairs:
+                dataset = train_set if name == "training" else val_set
+                dataset.drop([i for i, _ in pairs])
+                if not len(dataset):
+                    raise SystemExit(f"--skip-mismatched: no {name} pairs are left")
+                print0(f"--skip-mismatched: left out {len(pairs)} {name} pairs whose sizes differ "
+                       f"({len(dataset)} left): {'; '.join(m for _, m in pairs)}")
     if not synthetic:  # labels that cannot teach a class: say so now, not after the run
         warning = check_labels(train_set.label_counts(), class_names, len(train_set))
         if warning:

@@ -410,7 +410,8 @@ def test_real_mfnet_four_channel_pngs(tmp_path):
     ds = data.mfnet(tmp_path, 'train', transform=raw)
     ranges = [(int(img.min()), int(img.max())) for img, _ in (ds[0], ds[1])]
     assert ranges == [(8, 243), (4, 245)]                            # thermal ranges given by the sample README
-    assert not np.array_equal(ds[0][0], data.load_grey(tmp_path / 'images' / '01234N.png'))
+    p = tmp_path / 'images' / '01234N.png'                           # every path reads the thermal channel now
+    assert np.array_equal(ds[0][0], data.load_grey(p)) and not np.array_equal(ds[0][0], data.load_grey(p, 'luma'))
 
 
 def test_real_buffalo_labels_with_label_map():
