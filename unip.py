@@ -15,7 +15,8 @@ student is then fine-tuned with a pyramid built from its last layer (LL-FPN)
 and an UperNet head.
 
 Contents, in reading order:
-  1. helpers            sin-cos position embedding, resampling, stochastic depth
+  1. helpers            sin-cos position embedding, resampling (POS_INTERP), centre padding,
+                        stochastic depth
   2. Attention, MLP, Block
   3. ViT                standard key names; layer scale and register tokens (DINOv2);
                         attention_logits / attention_maps / features
