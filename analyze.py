@@ -15,7 +15,11 @@ paper distils come after the early local ones) or over all layers (--layer-rule 
 Images: --images DIR (every image below it), InfMix roots (--infrared / --imagenet / --coco),
 or by default the synthetic thermal scenes of data.py; N evenly spaced over the sorted files.
 Eval preprocessing: shorter side resized to --img-size (bicubic), centre crop, grey -> 3
-channels, InfMix normalisation. Outputs in --out (several models: one sub-folder each, plus
+channels, InfMix normalisation. NMI is measured at the token grid distillation uses: --img-size is the
+student's crop and --student-patch its patch (16); a teacher with another patch sees the crop resized as
+train_pretrain.py shows it (224 px -> 14x14 tokens -> 196 px for DINOv2's patch 14), so the recommended
+layer is the one train_pretrain.py --teacher-layer auto picks. --student-patch 0: the model's own grid.
+Outputs in --out (several models: one sub-folder each, plus
 summary.json and nmi_compare.png):
     nmi.json        per layer and head: mean and std NMI, pattern; the recommended layer
     nmi_layers.png  NMI per layer: heads as faint dots, layer mean bold, hybrid band shaded
@@ -37,6 +41,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import data
+import train_pretrain
 import unip
 
 
@@ -61,7 +66,8 @@ class Config:
     amp: str = "auto"  # NMI statistics in auto | bf16 | fp16 | none; auto: bf16 on CUDA and on CPUs with AMX or AVX512-BF16, else none (env UNIP_AMP overrides auto)
     batch_size: int = 32  # images per forward pass
     workers: int = 4  # DataLoader worker processes
-    img_size: int = 224  # square input side (the pos_embed is resampled if it differs)
+    img_size: int = 224  # square crop side: the student's crop (the pos_embed is resampled if it differs)
+    student_patch: int = 16  # patch of the student to distil into: the teacher sees the crop at the student's grid x its patch, as in train_pretrain.py; 0 = the model's own grid at --img-size
     seed: int = 0  # random init of 'none' checkpoints, synthetic scenes
 
 
@@ -132,15 +138,18 @@ class ImageFolder(torch.utils.data.Dataset):
 
 
 @torch.no_grad()
-def measure_nmi(model, batches, device, progress=False):
-    """NMI of every head of every layer over all images in `batches` (tensors (B, 3, H, W)).
+def measure_nmi(model, batches, device, progress=False, size=None):
+    """NMI of every head of every layer over all images in `batches` (tensors (B, 3, H, W)), each resized
+    to `size` on the device first when given (the teacher's view of the student's crop, train_pretrain.py's).
     Returns (mean, std): one (H,) tensor per layer, index 0 = layer 1 (the last block may have
     another head count); std is the spread over images. One batched pass per batch in eval mode:
     each (B, H, N, N) map is reduced to (B, H) as soon as it exists."""
     was_training, s1, s2, n = model.training, None, None, 0
     model.eval()
     for x in tqdm(batches, disable=not progress, unit="batch", desc="NMI"):
-        maps = model.attention_maps(x.to(device, non_blocking=True), reduce=unip.nmi)  # {layer: (B, H)}
+        x = x.to(device, non_blocking=True)
+        x = train_pretrain.resize_for(x, size) if size else x
+        maps = model.attention_maps(x, reduce=unip.nmi)  # {layer: (B, H)}
         v = [maps[i].double() for i in sorted(maps)]
         s1 = [t.sum(0) + (0 if s1 is None else s1[i]) for i, t in enumerate(v)]  # sums stay on device: no sync
         s2 = [(t * t).sum(0) + (0 if s2 is None else s2[i]) for i, t in enumerate(v)]
@@ -354,17 +363,27 @@ def main(argv=None):
         if ckpt.lower() not in ("none", "random"):
             unip.load_pretrained(model, ckpt)
         model.eval().to(device)
+        # the token grid of distillation: the student's crop, seen by this model at grid x its patch
+        if cfg.student_patch:
+            view, grid = train_pretrain.teacher_view(cfg.img_size, cfg.student_patch, model.patch_size)
+            print(f"{name}: measured at the student's grid, {grid}x{grid} tokens of {cfg.img_size} px crops (patch "
+                  f"{cfg.student_patch})" + (f"; patch {model.patch_size}: the crops resized to {view} px, as "
+                                             "train_pretrain.py shows them" if view != cfg.img_size else ""))
+        else:
+            view = unip.patch_multiple(cfg.img_size, model.patch_size, f"--img-size (with --student-patch 0, {arch}'s)")
+            grid = view // model.patch_size
 
         # NMI statistics
         t0 = time.time()
         with autocast:
-            mean, std = measure_nmi(model, loader, device, progress=True)
+            mean, std = measure_nmi(model, loader, device, progress=True, size=view if view != cfg.img_size else None)
         seconds = time.time() - t0
         layer_mean = [m.mean().item() for m in mean]
         patterns = [unip.classify_heads(m, cfg.thresholds) for m in mean]
         rec, why, warning = unip.layer_choice(layer_mean, cfg.target, cfg.layer_rule, cfg.thresholds)
         flags = f"python train_pretrain.py --teacher {ckpt} --teacher-arch {arch} --teacher-layer {rec}"
         res = dict(name=name, checkpoint=ckpt, arch=arch, num_images=len(idx), images=source, img_size=cfg.img_size,
+                   student_patch=cfg.student_patch, view_size=view, grid=grid,
                    thresholds=list(cfg.thresholds), target=cfg.target, recommended_layer=rec,
                    layer_rule=cfg.layer_rule, reason=why, warning=warning,
                    closest_layer=unip.choose_layer(layer_mean, cfg.target, "closest"),
@@ -398,14 +417,16 @@ def main(argv=None):
         depth = len(model.blocks)
         shown = sorted({l for l in cfg.layers if 1 <= l <= depth} or {max(1, round(depth / 4)), rec, depth})
         with torch.no_grad():
-            maps = model.attention_maps(x_pics.to(device), layers=shown)  # {layer: (P, H, N, N)}
-        g, columns, rows = cfg.img_size // model.patch_size, [], []
+            xp = x_pics.to(device)
+            maps = model.attention_maps(train_pretrain.resize_for(xp, view) if view != cfg.img_size else xp,
+                                        layers=shown)  # {layer: (P, H, N, N)}
+        g, columns, rows = grid, [], []
         for l in shown:
             order = torch.argsort(mean[l - 1], descending=True).tolist()  # most local first
             for h in [order[k] for k in sorted(set(np.linspace(0, len(order) - 1, cfg.heads_shown).round().astype(int)))]:
                 columns.append(((l, h), [f"layer {l}, head {h + 1}", f"{mean[l - 1][h]:.3f} {patterns[l - 1][h]}"]))
         for p, (img, lab) in enumerate(pics):
-            for what, (r, c) in query_patches(img, lab, model.patch_size):
+            for what, (r, c) in query_patches(img, lab, cfg.img_size // g):  # patches of the crop, g x g
                 att = {(l, h): maps[l][p, h, 1 + r * g + c, 1:].float().cpu().reshape(g, g).numpy()
                        for (l, h), _ in columns}  # CLS key dropped, as in the NMI
                 rows.append(([f"image {idx[p]}", what], img, (r, c, g), att))

@@ -106,6 +106,30 @@ class AttentionLogits(nn.Module):
         return self.vit.attention_logits(x, self.layer)
 
 
+def teacher_view(img_size, student_patch, teacher_patch, flag="--img-size"):
+    """(teacher side, grid): the side at which the teacher sees the student's crop, the student's token grid
+    times the teacher's patch (224 px, patch 16 -> 14x14 tokens -> 196 px for a patch-14 teacher), and that
+    grid. A crop that is not a multiple of the student's patch is refused, naming the nearest valid sizes: the
+    student would drop its last pixels while the teacher sees the whole crop resized, and the grids would
+    no longer cover the same pixels."""
+    unip.patch_multiple(img_size, student_patch, f"{flag} (the student's crop)")
+    grid = img_size // student_patch
+    return grid * teacher_patch, grid
+
+
+@torch.no_grad()
+def teacher_nmi(teacher, batches, teacher_size, device, autocast):
+    """Mean NMI of every head of every layer of `teacher` over image batches (B, 3, S, S) at the student's
+    crop, each seen as the teacher sees it in training (resized to `teacher_size`): (L, H)."""
+    sums, n = 0, 0
+    with autocast:
+        for x in batches:
+            x = x.to(device)
+            sums = sums + unip.layer_nmi(teacher, resize_for(x, teacher_size)).sum(1)  # (L, H)
+            n += x.shape[0]
+    return (sums / n).cpu()
+
+
 def resize_for(x, size):
     """The student's crop (B, 3, S, S) resized for a teacher with another patch size, so that both token
     grids are equal (student 224/16 -> 14x14, DINOv2 196/14 -> 14x14) and the logits line up token by token."""
@@ -163,8 +187,8 @@ def main(argv=None):
     # ---------------------------------------------------------------- teacher (frozen, never in DDP)
     # The teacher sees the student's crop resized so that both token grids agree (patch 16 vs 14).
     with torch.device("meta"):  # shape-only models, just to read the patch sizes
-        grid = cfg.img_size // unip.PRESETS[cfg.model]().patch_size
-        teacher_size = grid * unip.PRESETS[cfg.teacher_arch]().patch_size
+        teacher_size, grid = teacher_view(cfg.img_size, unip.PRESETS[cfg.model]().patch_size,
+                                          unip.PRESETS[cfg.teacher_arch]().patch_size)
     teacher = unip.PRESETS[cfg.teacher_arch](img_size=teacher_size)
     if teacher_size != cfg.img_size:
         say(f"teacher patch {teacher.patch_size}: it sees the {cfg.img_size} px crops resized to {teacher_size} px "
@@ -188,12 +212,8 @@ def main(argv=None):
         n = min(cfg.nmi_images, len(dataset))
         idx = torch.linspace(0, len(dataset) - 1, n).long().tolist()
         teacher.to(device)
-        sums = 0
-        with torch.no_grad(), autocast:
-            for i in range(0, n, cfg.batch_size):
-                x = torch.stack([dataset[j] for j in idx[i:i + cfg.batch_size]]).to(device)
-                sums = sums + unip.layer_nmi(teacher, resize_for(x, teacher_size)).sum(1)  # (L, H)
-        head_nmi = (sums / n).cpu()
+        batches = (torch.stack([dataset[j] for j in idx[i:i + cfg.batch_size]]) for i in range(0, n, cfg.batch_size))
+        head_nmi = teacher_nmi(teacher, batches, teacher_size, device, autocast)
         layer, why, warning = unip.layer_choice(head_nmi.mean(1), cfg.nmi_target, cfg.layer_rule)
         if ddp:  # every rank measured the same images; rank 0's choice is binding
             box = [layer]

@@ -22,8 +22,10 @@ mIoU over all classes (background included, 255 ignored); every 800 iterations (
 Heads initialised as mmseg's: conv-BN-ReLU convs kaiming-normal (fan_out), classifiers N(0, 0.01).
 --model vit_large takes the reference's ViT-L recipe (the MAE-L baseline) for every flag not given: drop path
 0.2, layer decay 0.65, the multi-layer pyramid (blocks 8/12/16/24), 2 images per process (4 GPUs: batch 8).
-Backbone: built at img_size = crop, so a pre-trained pos_embed is resampled once to the crop grid; it is
-trained when fine-tuning, as in the reference. The distilled last block is re-split into the preset's head
+Backbone: built at img_size = crop, so a pre-trained pos_embed is resampled once to the crop grid (DINOv2
+presets keep their 37x37 table and resample it at every forward, as DINOv2 does); it is trained when
+fine-tuning, as in the reference. A crop that is not a multiple of the patch (DINOv2: 14) is padded centred
+to the next multiple, in training (label 255 on the pad) and in the sliding windows, as DINOv2's CenterPadding. The distilled last block is re-split into the preset's head
 count (the reference does so); --keep-distilled-heads keeps the checkpoint's. As in every reference config,
 each block gets trainable layer-scale factors initialised to 1.0 (--layer-scale 0: none). The reference's
 relative position bias is not built (see the README's differences).
@@ -371,6 +373,11 @@ def main(argv=None):
     if finetune:
         print0(f"fine-tuning: drop path {cfg.drop_path} | layer decay {cfg.layer_decay} | layer scale "
                + (f"{cfg.layer_scale:g} (trainable)" if cfg.layer_scale else "off"))
+    patch = backbone.patch_size
+    if crop % patch:
+        print0(f"crop {crop} is not a multiple of {cfg.model}'s patch {patch}: training crops are padded to "
+               f"{crop + -crop % patch} (centred, zeros; label 255 there, ignored), and so are evaluation windows, as "
+               "DINOv2's CenterPadding does, so that every pixel reaches the model")
     if cfg.model == "vit_large":
         print0("vit_large: the reference's MAE-L recipe unless a flag overrides it (drop path 0.2, layer decay 0.65, "
                "pyramid from blocks 8/12/16/24, 2 images per GPU; 4 GPUs make its batch 8); its relative position "
@@ -465,6 +472,9 @@ def main(argv=None):
                             pin_memory=device.type == "cuda", generator=loader_gen())
         for x, y in loader:  # (B, 3, crop, crop) normalised, (B, crop, crop) int64 with 255 = ignore
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            # a crop that is not a multiple of the patch (DINOv2: 14): padded, else its last pixels never
+            # reach the model; the pad's labels are ignored. A no-op at multiples.
+            x, y = unip.center_pad(x, patch)[0], unip.center_pad(y, patch, value=255)[0]
             lr = poly_lr(step, cfg.lr, iters, warmup)
             for g in opt.param_groups:
                 g["lr"] = lr * g["lr_scale"]

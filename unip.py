@@ -15,7 +15,8 @@ student is then fine-tuned with a pyramid built from its last layer (LL-FPN)
 and an UperNet head.
 
 Contents, in reading order:
-  1. helpers            sin-cos position embedding, resampling, stochastic depth
+  1. helpers            sin-cos position embedding, resampling (POS_INTERP), centre padding,
+                        stochastic depth
   2. Attention, MLP, Block
   3. ViT                standard key names; layer scale and register tokens (DINOv2);
                         attention_logits / attention_maps / features
@@ -69,21 +70,68 @@ def sincos_pos_embed(dim, grid_h, grid_w=None):
     return torch.cat([torch.zeros(1, dim, dtype=torch.float64), emb]).float()
 
 
-def resample_pos_embed(pos_embed, grid, num_prefix=1):
+# How a position table is resampled to another token grid (ViT's `pos_interp`):
+#   'size'        bicubic to the grid's size, align_corners False, no antialias (MAE, mmseg, timm); the table
+#                 is resampled once at load to the model's grid (load_pretrained) and again only if an
+#                 input's grid differs.
+#   'dinov2'      DINOv2's interpolate_pos_encoding (interpolate_offset 0.1, no antialias): bicubic with
+#                 scale_factor (g + 0.1) / M from the M x M table as trained, at every forward.
+#   'dinov2_reg4' the hub's '_reg4' models (interpolate_offset 0, interpolate_antialias True): bicubic to
+#                 the grid's size with antialias, from the table as trained, at every forward.
+# The two DINOv2 settings give other numbers than 'size' (on the 37x37 ViT-S table to 16x16: about 9% mean
+# relative difference per position for 'dinov2', 19-23% for 'dinov2_reg4'), so each preset carries its own.
+POS_INTERP = ("size", "dinov2", "dinov2_reg4")
+
+
+def resample_pos_embed(pos_embed, grid, num_prefix=1, mode="size"):
     """Resample the patch part of a (1, prefix + g*g, D) position embedding to
-    `grid` = (h, w), bicubic with align_corners=False (as MAE / mmseg do).
-    Prefix rows (CLS) are kept as they are."""
+    `grid` = (h, w) by `mode` (see POS_INTERP), in float32 as DINOv2 does;
+    prefix rows (CLS) are kept as they are. 'size' returns the table itself
+    when the grid matches; the DINOv2 modes always resample (their forward
+    skips the call when the grid matches and the input is square)."""
+    if mode not in POS_INTERP:
+        raise ValueError(f"pos_interp must be one of {', '.join(POS_INTERP)}, got {mode!r}")
     prefix, patch = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
     old = int(math.isqrt(patch.shape[1]))
     if old * old != patch.shape[1]:
         raise ValueError(f"pos_embed has {patch.shape[1]} patch rows: not a square grid")
-    if (old, old) == tuple(grid):
+    grid = tuple(grid)
+    if mode == "size" and (old, old) == grid:
         return pos_embed
     dim = patch.shape[-1]
-    patch = patch.reshape(1, old, old, dim).permute(0, 3, 1, 2)  # (1, D, g, g)
-    patch = F.interpolate(patch.float(), size=tuple(grid), mode="bicubic", align_corners=False)
+    patch = patch.reshape(1, old, old, dim).permute(0, 3, 1, 2).float()  # (1, D, g, g)
+    if mode == "dinov2":  # the scale factor, not the size, sets the sampling positions: (g + 0.1) / M
+        scale = ((grid[0] + 0.1) / old, (grid[1] + 0.1) / old)
+        patch = F.interpolate(patch, scale_factor=scale, mode="bicubic", align_corners=False)
+        if tuple(patch.shape[-2:]) != grid:  # floor(M * (g + 0.1) / M) = g; DINOv2 asserts the same
+            raise RuntimeError(f"pos_embed resampled to {tuple(patch.shape[-2:])}, expected {grid}")
+    else:
+        patch = F.interpolate(patch, size=grid, mode="bicubic", align_corners=False, antialias=mode == "dinov2_reg4")
     patch = patch.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], dim).to(pos_embed.dtype)
     return torch.cat([prefix, patch], dim=1)
+
+
+def center_pad(x, multiple, value=0):
+    """Pad the last two sides of `x` to multiples of `multiple`, the extra split evenly (the odd pixel at
+    the end), as DINOv2's CenterPadding does; images get 0 (the mean after normalisation), labels the
+    ignore value. Returns (padded, (top, left)) so that outputs can be cropped back."""
+    H, W = x.shape[-2:]
+    ph, pw = -H % multiple, -W % multiple
+    if not (ph or pw):
+        return x, (0, 0)
+    top, left = ph // 2, pw // 2
+    return F.pad(x, (left, pw - left, top, ph - top), value=value), (top, left)
+
+
+def patch_multiple(size, patch, what):
+    """`size` itself when it is a multiple of `patch`; else a ValueError naming the nearest valid sizes:
+    a side that is not a multiple loses its last pixels (the patch grid is floored)."""
+    if size % patch == 0:
+        return size
+    lo, hi = size // patch * patch, (size // patch + 1) * patch
+    near = [s for s in sorted((lo, hi), key=lambda s: (abs(s - size), s)) if s > 0]
+    raise ValueError(f"{what} {size} is not a multiple of the patch size {patch}: pixels {lo}-{size - 1} would "
+                     f"never reach the model; use {' or '.join(map(str, near))}")
 
 
 def fp32(device_type):
@@ -264,15 +312,25 @@ class ViT(nn.Module):
         DINOv2 "_reg4" models) that take part in attention in every block.
         They have no position embedding and never reach an output: logits,
         maps and features cover CLS + patches only.
+    pos_interp: how `pos_embed` meets another token grid (POS_INTERP):
+        'size' (MAE, DINO, iBOT, the students) or DINOv2's own settings,
+        'dinov2' / 'dinov2_reg4', which keep the table as trained (of any
+        grid: loading adopts the checkpoint's) and resample it at every forward.
+    pretrained_layer_scale: the layer-scale factors belong to the pre-trained
+        weights (DINOv2): load_pretrained refuses a checkpoint without them.
+        False: they may be new (layer scale added at fine-tuning keeps its init).
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, dim=768, depth=12, heads=12,
                  last_heads=None, mlp_ratio=4.0, drop_path=0.0, drop_path_schedule="uniform",
-                 layer_scale=0.0, num_registers=0):
+                 layer_scale=0.0, num_registers=0, pos_interp="size", pretrained_layer_scale=False):
         super().__init__()
+        if pos_interp not in POS_INTERP:
+            raise ValueError(f"pos_interp must be one of {', '.join(POS_INTERP)}, got {pos_interp!r}")
         self.patch_size, self.dim, self.depth, self.heads = patch_size, dim, depth, heads
         self.last_heads = last_heads or heads
         self.num_registers = num_registers
+        self.pos_interp, self.pretrained_layer_scale = pos_interp, pretrained_layer_scale
         grid = img_size // patch_size
         self.patch_embed = PatchEmbed(patch_size, in_chans, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -312,13 +370,26 @@ class ViT(nn.Module):
         return x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
 
     def prepare_tokens(self, x):  # (B, C, H, W) -> (B, 1 + R + h*w, D)
-        grid = self.grid(x)
+        grid, square = self.grid(x), x.shape[-2] == x.shape[-1]
         x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, h*w, D)
-        pos = resample_pos_embed(self.pos_embed, grid)  # no-op when the grid matches
+        pos = self.pos_embed
+        # 'size': a no-op when the grid matches. DINOv2 uses its table as it is only for a square input on the
+        # table's own grid, and otherwise resamples it from scratch at every forward.
+        if self.pos_interp == "size" or not (square and grid == (math.isqrt(pos.shape[1] - 1),) * 2):
+            pos = resample_pos_embed(pos, grid, mode=self.pos_interp)
         prefix = [(self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)]
         if self.register_tokens is not None:  # after CLS, no position (as DINOv2 does)
             prefix.append(self.register_tokens.expand(x.shape[0], -1, -1))
         return torch.cat(prefix + [x + pos[:, 1:]], dim=1)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A DINOv2 model keeps the position table it was trained with, of whatever grid, and resamples it at
+        # every forward: it takes a checkpoint's table at the checkpoint's shape (never resampled at load).
+        pe = state_dict.get(prefix + "pos_embed")
+        if (self.pos_interp != "size" and pe is not None and pe.shape != self.pos_embed.shape
+                and pe.ndim == 3 and pe.shape[-1] == self.dim):
+            self.pos_embed = nn.Parameter(self.pos_embed.new_empty(pe.shape), requires_grad=self.pos_embed.requires_grad)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _drop_registers(self, x, dim=1):  # token axis `dim`: 1 + R + h*w -> 1 + h*w (CLS and patches)
         R = self.num_registers
@@ -433,29 +504,44 @@ def layer_choice(layer_means, target=0.09, rule="after-peak", band=PATTERN_THRES
     """UNIP's rule for the teacher layer to distil: the layer whose mean NMI is
     closest to `target` (0.09), searched among
       'closest':    every layer (the rule as the paper states it);
-      'after-peak': the layers after the one with the highest mean NMI.
+      'after-peak': the layers after the NMI peak of the early local phase,
+                    the highest layer mean in the first half of the depth
+                    (layers 1..ceil(L/2); the first such layer on a tie).
     Why 'after-peak' is the default: in the paper's teachers NMI falls with
     depth once the early local layers are past, and the hybrid layers it
     distils (MAE-L 18, iBOT-L 21, DINO-B 9) come after that local phase. A
     model can also start with low-NMI layers *before* it turns local (DINOv2-S
     layer 1: 0.10, then 0.44 at layer 2); such a layer is not hybrid in the
-    paper's sense, and 'closest' would pick it. When the peak is the last
-    layer, nothing comes after it and the rule falls back to 'closest'.
+    paper's sense, and 'closest' would pick it. Why the peak is looked for in
+    the first half only: the local phase of pre-trained ViTs is early, and some
+    models turn local again in their last layers (NMI 0.30, 0.50, 0.40, 0.20,
+    0.09, 0.06, 0.30, 0.55, 0.40); the highest layer of the whole depth would
+    then be one of those, and the hybrid layer in the middle (layer 5, 0.09)
+    would lie before it, out of the search. A one-layer model falls back to
+    'closest'.
     Returns (layer counted from 1, reason, warning or None); the warning says
-    when no searched layer lies in the hybrid band."""
+    when no searched layer lies in the hybrid band. An empty profile or a
+    non-finite layer mean is an error (naming the layer)."""
     vals = layer_means.tolist() if torch.is_tensor(layer_means) else list(layer_means)
     if rule not in LAYER_RULES:
         raise ValueError(f"layer rule must be one of {', '.join(LAYER_RULES)}, got {rule!r}")
-    peak = max(range(len(vals)), key=lambda i: vals[i])  # 0-based
+    if not vals:
+        raise ValueError("no layer means to choose from: the NMI profile is empty (no layers measured)")
+    bad = [i for i, v in enumerate(vals) if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"layer {bad[0] + 1} has a non-finite mean NMI ({vals[bad[0]]}): the attention maps of "
+                         "that layer overflowed or the images hold NaN; no layer can be chosen")
+    half = (len(vals) + 1) // 2
+    peak = max(range(half), key=lambda i: (vals[i], -i))  # 0-based; the first of equal maxima
     candidates = list(range(len(vals)))
     reason = f"closest to {target} of all {len(vals)} layers"
     if rule == "after-peak":
         if peak + 1 < len(vals):
             candidates = candidates[peak + 1:]
             reason = (f"closest to {target} among layers {peak + 2}-{len(vals)}, after the NMI peak "
-                      f"(layer {peak + 1}, {vals[peak]:.3f})")
+                      f"(layer {peak + 1}, {vals[peak]:.3f}; the highest of layers 1-{half})")
         else:
-            reason += f" (the NMI peak is the last layer, so nothing comes after it)"
+            reason += " (a one-layer model: nothing comes after its NMI peak)"
     best = min(candidates, key=lambda i: abs(vals[i] - target))
     reason = f"layer {best + 1} (mean NMI {vals[best]:.3f}): {reason}"
     low, high = band
@@ -599,12 +685,15 @@ def load_pretrained(model, source, upto_layer=None, verbose=True):
 
     Unwraps and strips prefixes, drops heads / decoders / mask and distillation
     tokens, fuses BEiT-style q_bias/v_bias, resamples `pos_embed` to the
-    model's grid, and refuses (naming the keys) when a weight the model needs
-    is missing or has the wrong shape. A model built shallower than the
+    model's grid (pos_interp 'size'; a DINOv2 model keeps the checkpoint's
+    table and resamples it at every forward), and refuses (naming the keys)
+    when a weight the model needs is missing or has the wrong shape. A model built shallower than the
     checkpoint (a teacher cut at its distilled layer) ignores the deeper blocks.
     With `upto_layer` = L, the blocks after L and the final norm may be absent
     from the checkpoint: a teacher that stops at layer L never runs them.
-    Layer-scale factors (`gamma_1/2`) absent from the checkpoint keep their init.
+    Layer-scale factors (`gamma_1/2`) absent from the checkpoint keep their init
+    (layer scale added at fine-tuning), except in a model whose layer scale is
+    part of its pre-trained weights (pretrained_layer_scale: DINOv2): refused.
     Returns a report dict: loaded, ignored, resampled.
     """
     from_file = isinstance(source, (str, bytes)) or hasattr(source, "__fspath__")
@@ -650,14 +739,16 @@ def load_pretrained(model, source, upto_layer=None, verbose=True):
         elif math.isqrt(n) ** 2 == n:
             pe = torch.cat([torch.zeros_like(pe[:, :1]), pe], dim=1)  # no CLS row (DeiT III): zero position
         old, g = math.isqrt(pe.shape[1] - 1), math.isqrt(own["pos_embed"].shape[1] - 1)
-        if old != g:
+        if old != g and model.pos_interp == "size":
             pe = resample_pos_embed(pe, (g, g))
             report["resampled"] = (old, g)
+        elif old != g:  # DINOv2: the table stays as trained (the model adopts its grid on loading)
+            own["pos_embed"] = pe
         new["pos_embed"] = pe
 
     # A model cut shorter than the checkpoint, or one told it stops at `upto_layer`, never runs `norm`.
     cut = upto_layer is not None or any((block_of(k) or 0) >= depth for k in report["ignored"])
-    optional = lambda k: (".gamma_" in k  # layer scale added at fine-tuning: keeps its init
+    optional = lambda k: (".gamma_" in k and not model.pretrained_layer_scale  # added at fine-tuning: keeps its init
                           or cut and (k.startswith("norm.") or (upto_layer is not None and (block_of(k) or -1) >= upto_layer)))
     missing = [k for k in own if k not in new and not optional(k)]
     wrong = [f"{k}: checkpoint {tuple(new[k].shape)} vs model {tuple(own[k].shape)}"
@@ -666,6 +757,10 @@ def load_pretrained(model, source, upto_layer=None, verbose=True):
         lines = []
         if missing:
             lines.append(f"missing {len(missing)} keys: {', '.join(missing[:12])}{' ...' if len(missing) > 12 else ''}")
+            if any(".gamma_" in k for k in missing) and model.pretrained_layer_scale:
+                lines.append("the layer-scale factors are part of this architecture's pre-trained weights "
+                             "('blocks.N.ls1.gamma' / 'ls2.gamma' in DINOv2 files): without them it computes "
+                             "something else")
         if wrong:
             lines.append(f"wrong shape for {len(wrong)} keys: {'; '.join(wrong[:6])}{' ...' if len(wrong) > 6 else ''}")
         raise ValueError(f"{name} does not fit this model ({model.dim} wide, {depth} blocks):\n  "
@@ -830,22 +925,25 @@ class Segmenter(nn.Module):
 
 def layer_decay_groups(model, weight_decay=0.05, layer_decay=0.85):
     """AdamW parameter groups with layer-wise lr decay (BEiT/MAE rule):
-    patch_embed, cls_token, pos_embed -> id 0; block i (0-based) -> i + 1;
-    everything else (pyramid, heads) -> depth + 1. lr scale = decay^(depth+1-id).
-    No weight decay on biases, 1-D parameters, pos_embed and cls_token.
+    patch_embed, cls_token, pos_embed, register_tokens -> id 0; block i (0-based)
+    -> i + 1; everything else (pyramid, heads) -> depth + 1. lr scale =
+    decay^(depth+1-id). No weight decay on biases, 1-D parameters, pos_embed,
+    cls_token and register_tokens (learned tokens like CLS: DINOv2 and timm
+    put them with the embeddings).
     Each group carries 'lr_scale'; multiply it into the lr at every step."""
     depth = len(model.backbone.blocks)
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if name.startswith(("backbone.patch_embed", "backbone.cls_token", "backbone.pos_embed")):
+        if name.startswith(("backbone.patch_embed", "backbone.cls_token", "backbone.pos_embed",
+                            "backbone.register_tokens")):
             lid = 0
         elif name.startswith("backbone.blocks."):
             lid = int(name.split(".")[2]) + 1
         else:
             lid = depth + 1
-        no_wd = p.ndim == 1 or name.endswith(".bias") or name.endswith(("pos_embed", "cls_token"))
+        no_wd = p.ndim == 1 or name.endswith(".bias") or name.endswith(("pos_embed", "cls_token", "register_tokens"))
         key = (lid, no_wd)
         if key not in groups:
             groups[key] = {"params": [], "names": [], "weight_decay": 0.0 if no_wd else weight_decay,
@@ -856,13 +954,19 @@ def layer_decay_groups(model, weight_decay=0.05, layer_decay=0.85):
 
 
 @torch.no_grad()
-def slide_inference(model, img, num_classes, crop=512, stride=341, batch=4):
+def slide_inference(model, img, num_classes, crop=512, stride=341, batch=4, patch=None):
     """Sliding-window logits (mmseg 'slide' mode): windows of `crop` every
     `stride` pixels, the last window aligned to the border, logits of
     overlapping windows averaged. img (B, C, H, W) -> (B, K, H, W).
     Up to `batch` windows go through the model together (larger products:
-    bf16 on a CPU gains ~15%); the result is the same."""
+    bf16 on a CPU gains ~15%); the result is the same.
+    A window whose sides are not multiples of `patch` (default: the model's
+    backbone's, e.g. 14 for DINOv2) is padded centred with zeros, as DINOv2's
+    CenterPadding does, so that its last pixels reach the model too; its
+    logits are cropped back to the window."""
     B, _, H, W = img.shape
+    if patch is None:
+        patch = getattr(getattr(model, "backbone", None), "patch_size", 1)
     ch, cw = min(crop, H), min(crop, W)
     ny = max(H - ch + stride - 1, 0) // stride + 1
     nx = max(W - cw + stride - 1, 0) // stride + 1
@@ -872,7 +976,8 @@ def slide_inference(model, img, num_classes, crop=512, stride=341, batch=4):
     for i in range(0, len(boxes), batch):
         chunk = boxes[i:i + batch]
         wins = torch.cat([img[:, :, y:y + ch, x:x + cw] for y, x in chunk])  # (windows * B, C, ch, cw)
-        outs = _up(model(wins)[0].float(), (ch, cw)).split(B)  # one (B, K, ch, cw) per window
+        wins, (top, left) = center_pad(wins, patch)  # (windows * B, C, ch', cw'), multiples of the patch
+        outs = _up(model(wins)[0].float(), wins.shape[-2:])[..., top:top + ch, left:left + cw].split(B)  # (B, K, ch, cw)
         for (y, x), out in zip(chunk, outs):
             logits[:, :, y:y + ch, x:x + cw] += out
             count[:, :, y:y + ch, x:x + cw] += 1
@@ -956,13 +1061,17 @@ def vit_micro(img_size=224, drop_path=0.0, last_heads=None, **kw):
 
 
 def _dinov2(dim, depth, heads, num_registers):
-    """DINOv2 (Oquab et al. 2023): patch 14, layer scale (init 1e-5; the checkpoint's values are loaded),
-    learned pos_embed; '_reg4' models add 4 register tokens (Darcet et al. 2024)."""
+    """DINOv2 (Oquab et al. 2023): patch 14, layer scale (init 1e-5; the checkpoint's values are loaded, and
+    required), learned pos_embed; '_reg4' models add 4 register tokens (Darcet et al. 2024). The position
+    table is DINOv2's, 37x37 (518 px, the hub's img_size), whatever `img_size`: as in DINOv2 it is resampled
+    at every forward to the input's grid, with the interpolation of the official models ('dinov2': offset
+    0.1; '_reg4': by size, antialiased). `img_size` is accepted for the presets' common signature only."""
 
     def preset(img_size=224, drop_path=0.0, last_heads=None, **kw):
         kw["layer_scale"] = kw.get("layer_scale") or 1e-5  # never off: the weights need it
-        return ViT(img_size, patch_size=14, dim=dim, depth=depth, heads=heads, last_heads=last_heads,
-                   drop_path=drop_path, num_registers=num_registers, **kw)
+        return ViT(518, patch_size=14, dim=dim, depth=depth, heads=heads, last_heads=last_heads,
+                   drop_path=drop_path, num_registers=num_registers, pretrained_layer_scale=True,
+                   pos_interp="dinov2_reg4" if num_registers else "dinov2", **kw)
 
     return preset
 
