@@ -15,10 +15,12 @@ paper distils come after the early local ones) or over all layers (--layer-rule 
 Images: --images DIR (every image below it), InfMix roots (--infrared / --imagenet / --coco),
 or by default the synthetic thermal scenes of data.py; N evenly spaced over the sorted files.
 Eval preprocessing: shorter side resized to --img-size (bicubic), centre crop, grey -> 3
-channels, InfMix normalisation. NMI is measured at the token grid distillation uses: --img-size is the
-student's crop and --student-patch its patch (16); a teacher with another patch sees the crop resized as
-train_pretrain.py shows it (224 px -> 14x14 tokens -> 196 px for DINOv2's patch 14), so the recommended
-layer is the one train_pretrain.py --teacher-layer auto picks. --student-patch 0: the model's own grid.
+channels, InfMix normalisation (the student's input, which UNIP feeds every teacher; --teacher-norm
+clip | imagenet normalises the 3 grey channels with those RGB statistics instead). NMI is measured at
+the token grid distillation uses: --img-size is the student's crop and --student-patch its patch (16);
+a teacher with another patch sees the crop resized as train_pretrain.py shows it (224 px -> 14x14
+tokens -> 196 px for DINOv2's patch 14), so the recommended layer is the one train_pretrain.py
+--teacher-layer auto picks. --student-patch 0: the model's own grid.
 Outputs in --out (several models: one sub-folder each, plus
 summary.json and nmi_compare.png):
     nmi.json        per layer and head: mean and std NMI, pattern; the recommended layer
@@ -68,6 +70,7 @@ class Config:
     workers: int = 4  # DataLoader worker processes
     img_size: int = 224  # square crop side: the student's crop (the pos_embed is resampled if it differs)
     student_patch: int = 16  # patch of the student to distil into: the teacher sees the crop at the student's grid x its patch, as in train_pretrain.py; 0 = the model's own grid at --img-size
+    teacher_norm: str = "infmix"  # input statistics: infmix (the student's input, the default) | clip | imagenet (grey -> 3 channels, RGB mean/std)
     seed: int = 0  # random init of 'none' checkpoints, synthetic scenes
 
 
@@ -109,14 +112,15 @@ def centre_square(a, size, resample):
 
 
 class EvalTransform:
-    """Deterministic: centre square, [0, 1], InfMix normalisation, 3 identical channels."""
+    """Deterministic: centre square, [0, 1], InfMix normalisation, 3 identical channels;
+    then another input normalisation for the teacher if `norm` names one (data.TEACHER_NORMS)."""
 
-    def __init__(self, size):
-        self.size = size
+    def __init__(self, size, norm="infmix"):
+        self.size, self.norm = size, norm
 
     def __call__(self, img, label=None, rng=None):  # (H, W) uint8 -> (3, size, size)
         x = torch.from_numpy(centre_square(img, self.size, Image.BICUBIC).astype(np.float32) / 255)
-        return ((x - data.PRETRAIN_MEAN) / data.PRETRAIN_STD).expand(3, -1, -1).contiguous()
+        return data.renormalise(((x - data.PRETRAIN_MEAN) / data.PRETRAIN_STD).expand(3, -1, -1).contiguous(), self.norm)
 
 
 class ImageFolder(torch.utils.data.Dataset):
@@ -326,13 +330,15 @@ def main(argv=None):
     ckpts, archs = cfg.checkpoint, cfg.arch * len(cfg.checkpoint) if len(cfg.arch) == 1 else cfg.arch
     if len(archs) != len(ckpts) or any(a not in unip.PRESETS for a in archs):
         raise SystemExit(f"--arch: one for all or one per checkpoint, from {sorted(unip.PRESETS)}; got {cfg.arch}")
+    if cfg.teacher_norm not in data.TEACHER_NORMS:
+        raise SystemExit(f"--teacher-norm: one of {', '.join(data.TEACHER_NORMS)}; got {cfg.teacher_norm!r}")
     if len(cfg.thresholds) != 2 or not cfg.thresholds[0] <= cfg.thresholds[1]:
         raise SystemExit(f"--thresholds wants two values, low <= high; got {cfg.thresholds}")
     stems = [os.path.splitext(os.path.basename(c))[0] if c.lower() not in ("none", "random") else "random" for c in ckpts]
     names = [s if stems.count(s) == 1 else f"{s}_{a}_{i + 1}" for i, (s, a) in enumerate(zip(stems, archs))]
 
     # data: N images, evenly spaced over the sorted list; the first few also go into the pictures
-    tf = EvalTransform(cfg.img_size)
+    tf = EvalTransform(cfg.img_size, cfg.teacher_norm)
     if cfg.images:
         ds = ImageFolder(cfg.images, tf)
         source = f"{len(ds)} images under {cfg.images}"
@@ -381,9 +387,11 @@ def main(argv=None):
         layer_mean = [m.mean().item() for m in mean]
         patterns = [unip.classify_heads(m, cfg.thresholds) for m in mean]
         rec, why, warning = unip.layer_choice(layer_mean, cfg.target, cfg.layer_rule, cfg.thresholds)
-        flags = f"python train_pretrain.py --teacher {ckpt} --teacher-arch {arch} --teacher-layer {rec}"
+        flags = f"python train_pretrain.py --teacher {ckpt} --teacher-arch {arch} --teacher-layer {rec}" + (
+            f" --teacher-norm {cfg.teacher_norm}" if cfg.teacher_norm != "infmix" else "")
         res = dict(name=name, checkpoint=ckpt, arch=arch, num_images=len(idx), images=source, img_size=cfg.img_size,
                    student_patch=cfg.student_patch, view_size=view, grid=grid,
+                   teacher_norm=cfg.teacher_norm,
                    thresholds=list(cfg.thresholds), target=cfg.target, recommended_layer=rec,
                    layer_rule=cfg.layer_rule, reason=why, warning=warning,
                    closest_layer=unip.choose_layer(layer_mean, cfg.target, "closest"),

@@ -30,6 +30,11 @@ PRETRAIN_MEAN, PRETRAIN_STD = 0.3801, 0.1871  # InfMix grey statistics on [0,1],
 SEG_MEAN, SEG_STD = 96.9255, 47.8976          # infrared segmentation statistics on 0..255 grey (§5)
 IMG_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff')  # matched case-insensitively
 IGNORE = 255                                  # label value that losses and metrics skip
+# Per-channel RGB statistics on [0, 1] a teacher may have been trained with (analyze.py, train_pretrain.py
+# --teacher-norm). The default, infmix, gives the teacher the student's input, as the authors' code does for every teacher.
+TEACHER_NORMS = {"infmix": ((PRETRAIN_MEAN,) * 3, (PRETRAIN_STD,) * 3),
+                 "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),  # OpenAI CLIP
+                 "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
 
 # ----------------------------------------------------------------------------- robust decoding
 
@@ -217,6 +222,18 @@ def _to_tensor(img, mean, std):
     channels because every ViT here (and every teacher) has an RGB patch embedding."""
     x = (torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)) - mean) / std
     return x.unsqueeze(0).repeat(3, 1, 1)
+
+
+def renormalise(x, norm):
+    """Images (..., 3, H, W) normalised with the InfMix grey statistics -> the same images normalised with
+    TEACHER_NORMS[norm]: the grey value on [0, 1] in each of the 3 channels, minus that channel's mean, over its std.
+    'infmix' returns x itself."""
+    if norm not in TEACHER_NORMS:
+        raise ValueError(f"teacher input statistics must be one of {', '.join(TEACHER_NORMS)}, got {norm!r}")
+    if norm == "infmix":
+        return x
+    mean, std = (torch.tensor(v, dtype=x.dtype, device=x.device).view(3, 1, 1) for v in TEACHER_NORMS[norm])
+    return (x * PRETRAIN_STD + PRETRAIN_MEAN - mean) / std
 
 # ----------------------------------------------------------------------------- transforms
 

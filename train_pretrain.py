@@ -47,6 +47,7 @@ class Config:
     nmi_target: float = 0.09  # --teacher-layer auto: the layer whose mean NMI is closest to this
     layer_rule: str = "after-peak"  # --teacher-layer auto: search the layers after the NMI peak, or 'closest' (all layers)
     nmi_images: int = 256  # --teacher-layer auto: images used to measure NMI
+    teacher_norm: str = "infmix"  # teacher's input statistics: infmix (the student's input, as the authors) | clip | imagenet
     model: str = "vit_small"  # student size: vit_tiny | vit_small | vit_base
     img_size: int = 224  # student's crop; the teacher sees it resized to the same token grid (patch 14: 196)
     infrared: str = ""  # InfMix infrared root (<dataset>/thermal/*) or a plain image folder
@@ -83,7 +84,7 @@ def parse_config(argv=None):
     helps = dict(re.findall(r"^\s+(\w+):.*?#\s*(.+)$", inspect.getsource(Config), re.M))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     choices = {"teacher_arch": list(unip.PRESETS), "model": list(unip.PRESETS), "amp": ["auto", "bf16", "fp16", "none"],
-               "layer_rule": list(unip.LAYER_RULES)}
+               "layer_rule": list(unip.LAYER_RULES), "teacher_norm": list(data.TEACHER_NORMS)}
     for f in dataclasses.fields(Config):
         flag, h = "--" + f.name.replace("_", "-"), f"{helps.get(f.name, '')} (default: {f.default!r})"
         if f.type is bool:
@@ -96,11 +97,12 @@ def parse_config(argv=None):
 class AttentionLogits(nn.Module):
     """The module DDP and torch.compile see: a ViT's logits at one layer (B, H, N, N)."""
 
-    def __init__(self, vit, layer, size=None):
+    def __init__(self, vit, layer, size=None, norm="infmix"):
         super().__init__()
-        self.vit, self.layer, self.size = vit, layer, size
+        self.vit, self.layer, self.size, self.norm = vit, layer, size, norm
 
     def forward(self, x):
+        x = data.renormalise(x, self.norm)  # a teacher given other input statistics (--teacher-norm); infmix: x
         if self.size is not None and x.shape[-1] != self.size:  # the teacher's patch size differs from the student's
             x = resize_for(x, self.size)
         return self.vit.attention_logits(x, self.layer)
@@ -118,14 +120,16 @@ def teacher_view(img_size, student_patch, teacher_patch, flag="--img-size"):
 
 
 @torch.no_grad()
-def teacher_nmi(teacher, batches, teacher_size, device, autocast):
+def teacher_nmi(teacher, batches, teacher_size, device, autocast, norm="infmix"):
     """Mean NMI of every head of every layer of `teacher` over image batches (B, 3, S, S) at the student's
-    crop, each seen as the teacher sees it in training (resized to `teacher_size`): (L, H)."""
+    crop, each seen as the teacher sees it in training (--teacher-norm statistics, resized to `teacher_size`):
+    (L, H)."""
     sums, n = 0, 0
     with autocast:
         for x in batches:
             x = x.to(device)
-            sums = sums + unip.layer_nmi(teacher, resize_for(x, teacher_size)).sum(1)  # (L, H)
+            x = resize_for(data.renormalise(x, norm), teacher_size)
+            sums = sums + unip.layer_nmi(teacher, x).sum(1)  # (L, H)
             n += x.shape[0]
     return (sums / n).cpu()
 
@@ -213,7 +217,7 @@ def main(argv=None):
         idx = torch.linspace(0, len(dataset) - 1, n).long().tolist()
         teacher.to(device)
         batches = (torch.stack([dataset[j] for j in idx[i:i + cfg.batch_size]]) for i in range(0, n, cfg.batch_size))
-        head_nmi = teacher_nmi(teacher, batches, teacher_size, device, autocast)
+        head_nmi = teacher_nmi(teacher, batches, teacher_size, device, autocast, cfg.teacher_norm)
         layer, why, warning = unip.layer_choice(head_nmi.mean(1), cfg.nmi_target, cfg.layer_rule)
         if ddp:  # every rank measured the same images; rank 0's choice is binding
             box = [layer]
@@ -268,7 +272,7 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- compile, DDP
     student_fn = AttentionLogits(student, len(student.blocks))
-    teacher_fn = AttentionLogits(teacher, layer, teacher_size)
+    teacher_fn = AttentionLogits(teacher, layer, teacher_size, cfg.teacher_norm)
     if cfg.compile:
         student_fn, teacher_fn = torch.compile(student_fn), torch.compile(teacher_fn)
     model = DDP(student_fn, device_ids=[local_rank] if device.type == "cuda" else None) if ddp else student_fn

@@ -19,15 +19,16 @@ Contents, in reading order:
                         stochastic depth
   2. Attention, MLP, Block
   3. ViT                standard key names; layer scale and register tokens (DINOv2);
+                        QuickGELU, a LayerNorm before the blocks, no patch bias (CLIP);
                         attention_logits / attention_maps / features
   4. NMI analysis       nmi, classify_heads, layer_choice / choose_layer, layer_nmi
   5. distillation loss  distill_loss (NMI-HAD, UNIP §3.2)
-  6. checkpoints        load_checkpoint, load_pretrained (MAE, DINO, iBOT, DeiT, DINOv2, UNIP)
+  6. checkpoints        load_checkpoint, load_pretrained (MAE, DINO, iBOT, DeiT, DINOv2, CLIP, UNIP)
   7. segmentation       LL-FPN, UperNet, FCN auxiliary head, linear probes,
                         layer-wise lr decay, sliding-window inference, mIoU,
                         load_segmenter (a train_seg.py checkpoint -> a ready model)
   8. size presets       vit_tiny, vit_small, vit_base, vit_large (+ vit_micro for CPU demos),
-                        dinov2_vits14 / vitb14 / vitl14 (+ _reg4)
+                        dinov2_vits14 / vitb14 / vitl14 (+ _reg4), clip_vitb16
 
 Shapes: B batch, N tokens (1 + h*w, CLS first; register tokens, if any, sit after CLS inside
 the blocks but never in an output), D width, H heads, h/w patch grid.
@@ -245,26 +246,32 @@ class Attention(nn.Module):
             return (q * self.scale) @ k.transpose(-2, -1)  # the scale on q: N x hd multiplies, not N x N
 
 
+def quick_gelu(x):
+    """CLIP's activation: x * sigmoid(1.702 x), a sigmoid fit of GELU (OpenAI CLIP, Radford et al. 2021)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
 class MLP(nn.Module):
-    def __init__(self, dim, hidden):
+    def __init__(self, dim, hidden, act=F.gelu):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
+        self.act = act  # exact (erf) GELU, as in MAE/DINO; quick_gelu for CLIP
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU, as in MAE/DINO
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class Block(nn.Module):
     """Pre-norm transformer block. `layer_scale` > 0 adds per-channel residual
     scales `gamma_1`, `gamma_2` (BEiT/MAE fine-tuning); off by default."""
 
-    def __init__(self, dim, heads, mlp_ratio=4.0, drop_path=0.0, layer_scale=0.0):
+    def __init__(self, dim, heads, mlp_ratio=4.0, drop_path=0.0, layer_scale=0.0, norm_eps=1e-6, act=F.gelu):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = MLP(dim, int(dim * mlp_ratio))
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = MLP(dim, int(dim * mlp_ratio), act)
         self.drop_path = drop_path
         self.gamma_1 = nn.Parameter(torch.full((dim,), float(layer_scale))) if layer_scale else None
         self.gamma_2 = nn.Parameter(torch.full((dim,), float(layer_scale))) if layer_scale else None
@@ -288,9 +295,9 @@ class Block(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    def __init__(self, patch_size, in_chans, dim):
+    def __init__(self, patch_size, in_chans, dim, bias=True):
         super().__init__()
-        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size, bias=bias)
 
     def forward(self, x):  # (B, C, H, W) -> (B, D, h, w); sides are floored to the patch grid
         return self.proj(x)
@@ -319,11 +326,17 @@ class ViT(nn.Module):
     pretrained_layer_scale: the layer-scale factors belong to the pre-trained
         weights (DINOv2): load_pretrained refuses a checkpoint without them.
         False: they may be new (layer scale added at fine-tuning keeps its init).
+    act, norm_eps: the MLP's activation and the LayerNorms' eps (CLIP:
+        quick_gelu, 1e-5).
+    pre_norm: a LayerNorm (`norm_pre`) over the tokens before the first
+        block (CLIP's ln_pre, timm's key).
+    patch_bias: a bias in the patch projection (CLIP's conv1 has none).
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, dim=768, depth=12, heads=12,
                  last_heads=None, mlp_ratio=4.0, drop_path=0.0, drop_path_schedule="uniform",
-                 layer_scale=0.0, num_registers=0, pos_interp="size", pretrained_layer_scale=False):
+                 layer_scale=0.0, num_registers=0, pos_interp="size", pretrained_layer_scale=False,
+                 act=F.gelu, norm_eps=1e-6, pre_norm=False, patch_bias=True):
         super().__init__()
         if pos_interp not in POS_INTERP:
             raise ValueError(f"pos_interp must be one of {', '.join(POS_INTERP)}, got {pos_interp!r}")
@@ -332,11 +345,12 @@ class ViT(nn.Module):
         self.num_registers = num_registers
         self.pos_interp, self.pretrained_layer_scale = pos_interp, pretrained_layer_scale
         grid = img_size // patch_size
-        self.patch_embed = PatchEmbed(patch_size, in_chans, dim)
+        self.patch_embed = PatchEmbed(patch_size, in_chans, dim, patch_bias)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.register_tokens = nn.Parameter(torch.zeros(1, num_registers, dim)) if num_registers else None
         # Fixed (frozen) sin-cos embedding, stored as a parameter like MAE so the key exists.
         self.pos_embed = nn.Parameter(sincos_pos_embed(dim, grid)[None], requires_grad=False)
+        self.norm_pre = nn.LayerNorm(dim, eps=norm_eps) if pre_norm else nn.Identity()
         if drop_path_schedule == "uniform":
             rates = [drop_path] * depth
         elif drop_path_schedule == "linear":
@@ -344,16 +358,17 @@ class ViT(nn.Module):
         else:
             raise ValueError(f"drop_path_schedule must be 'uniform' or 'linear', got {drop_path_schedule!r}")
         self.blocks = nn.ModuleList(
-            Block(dim, self.last_heads if i == depth - 1 else heads, mlp_ratio, rates[i], layer_scale)
+            Block(dim, self.last_heads if i == depth - 1 else heads, mlp_ratio, rates[i], layer_scale, norm_eps, act)
             for i in range(depth))
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.norm = nn.LayerNorm(dim, eps=norm_eps)
         self.init_weights()
 
     def init_weights(self):
         # MAE initialisation: xavier for linears and the patch projection (seen as a linear).
         w = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.proj.bias)
+        if self.patch_embed.proj.bias is not None:
+            nn.init.zeros_(self.patch_embed.proj.bias)
         nn.init.normal_(self.cls_token, std=0.02)
         if self.register_tokens is not None:
             nn.init.normal_(self.register_tokens, std=1e-6)  # DINOv2's init
@@ -380,7 +395,7 @@ class ViT(nn.Module):
         prefix = [(self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)]
         if self.register_tokens is not None:  # after CLS, no position (as DINOv2 does)
             prefix.append(self.register_tokens.expand(x.shape[0], -1, -1))
-        return torch.cat(prefix + [x + pos[:, 1:]], dim=1)
+        return self.norm_pre(torch.cat(prefix + [x + pos[:, 1:]], dim=1))  # norm_pre: identity but for CLIP
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A DINOv2 model keeps the position table it was trained with, of whatever grid, and resamples it at
@@ -603,6 +618,27 @@ _EXTRA = re.compile(r"^(head|head_dist|fc_norm|decoder|decoder_\w+|mask_token|di
 # Other names for the same tensors: DINOv2 / timm layer scale, timm registers.
 _RENAMES = ((re.compile(r"\.ls1\.gamma$"), ".gamma_1"), (re.compile(r"\.ls2\.gamma$"), ".gamma_2"),
             (re.compile(r"^reg_token$"), "register_tokens"))
+# CLIP's image tower, Hugging Face's names (`vision_model.*`) and OpenAI's / open_clip's (`visual.*`), -> the standard
+# keys (timm's CLIP checkpoints use those already). Applied in order; HF's separate q/k/v are fused after.
+_CLIP_RENAMES = tuple((re.compile(a), b) for a, b in (
+    (r"^vision_model\.embeddings\.class_embedding$|^visual\.class_embedding$", "cls_token"),
+    (r"^vision_model\.embeddings\.position_embedding\.weight$|^visual\.positional_embedding$", "pos_embed"),
+    (r"^vision_model\.embeddings\.patch_embedding\.|^visual\.conv1\.", "patch_embed.proj."),
+    (r"^vision_model\.pre_layrnorm\.|^visual\.ln_pre\.", "norm_pre."),
+    (r"^vision_model\.post_layernorm\.|^visual\.ln_post\.", "norm."),
+    (r"^vision_model\.encoder\.layers\.|^visual\.transformer\.resblocks\.", "blocks."),
+    (r"^(blocks\.\d+\.)(?:layer_norm|ln_)([12])\.", r"\1norm\2."),
+    (r"^(blocks\.\d+\.)self_attn\.", r"\1attn."),
+    (r"^(blocks\.\d+\.attn\.)out_proj\.", r"\1proj."),
+    (r"^(blocks\.\d+\.attn\.)in_proj_", r"\1qkv."),  # OpenAI: q, k, v fused already, in that order
+    (r"^(blocks\.\d+\.mlp\.)c_fc\.", r"\1fc1."),
+    (r"^(blocks\.\d+\.mlp\.)c_proj\.", r"\1fc2."),
+))
+# What a CLIP file holds besides the image tower: the projection into the joint space, HF's position_ids buffer,
+# the text tower (HF `text_model.*`; OpenAI `transformer.*`, `token_embedding`, ...) and OpenAI's config entries.
+_CLIP_EXTRA = re.compile(r"^(visual_projection|visual\.proj|vision_model\.embeddings\.position_ids|text_model|"
+                         r"text_projection|logit_scale|logit_bias|transformer|token_embedding|positional_embedding|"
+                         r"ln_final|input_resolution|context_length|vocab_size)(\.|$)")
 
 
 class CheckpointError(RuntimeError):
@@ -680,11 +716,29 @@ def unwrap_state_dict(obj):
     return out
 
 
+def clip_to_vit(sd):
+    """A CLIP image tower's state dict (Hugging Face or OpenAI / open_clip names) -> the standard ViT keys:
+    renamed, q/k/v fused in q, k, v order, CLS (D,) -> (1, 1, D), position table (N, D) -> (1, N, D).
+    Text tower and projection keep their names (load_pretrained ignores them). Other dicts pass unchanged."""
+    if not any(k.startswith(("vision_model.", "visual.")) for k in sd):
+        return sd
+    for pattern, repl in _CLIP_RENAMES:
+        sd = {pattern.sub(repl, k): v for k, v in sd.items()}
+    for k in [k for k in sd if re.search(r"\.attn\.q_proj\.(weight|bias)$", k)]:
+        sd[k.replace("q_proj", "qkv")] = torch.cat([sd.pop(k.replace("q_proj", p)) for p in ("q_proj", "k_proj", "v_proj")])
+    if sd.get("cls_token") is not None and sd["cls_token"].ndim == 1:
+        sd["cls_token"] = sd["cls_token"][None, None]
+    if sd.get("pos_embed") is not None and sd["pos_embed"].ndim == 2:
+        sd["pos_embed"] = sd["pos_embed"][None]
+    return sd
+
+
 def load_pretrained(model, source, upto_layer=None, verbose=True):
     """Load ViT weights from a path, a checkpoint dict or a state dict into `model`.
 
     Unwraps and strips prefixes, drops heads / decoders / mask and distillation
-    tokens, fuses BEiT-style q_bias/v_bias, resamples `pos_embed` to the
+    tokens, fuses BEiT-style q_bias/v_bias, maps CLIP's image tower (clip_to_vit;
+    its text tower and projection are dropped), resamples `pos_embed` to the
     model's grid (pos_interp 'size'; a DINOv2 model keeps the checkpoint's
     table and resamples it at every forward), and refuses (naming the keys)
     when a weight the model needs is missing or has the wrong shape. A model built shallower than the
@@ -702,6 +756,12 @@ def load_pretrained(model, source, upto_layer=None, verbose=True):
     own, depth = model.state_dict(), len(model.blocks)
     block_of = lambda k: int(m.group(1)) if (m := re.match(r"blocks\.(\d+)\.", k)) else None
     report = {"loaded": [], "ignored": [], "resampled": None}
+    int8 = [k for k in sd if k.endswith(".int8")]
+    if int8:  # weight = int8 * scale[:, None]: loading either part alone would be silently wrong
+        raise ValueError(f"{name} holds int8-quantised weights ({int8[0]!r} and {len(int8) - 1} more, each with a "
+                         "'.scale'): convert it to an fp32 state dict first with the converter that comes with it, "
+                         "`python clip_int8_to_fp32.py OUT.pth`, and load OUT.pth")
+    sd = clip_to_vit(sd)
 
     # BEiT/data2vec keep separate q and v biases (k has none): fuse them.
     for k in [k for k in sd if k.endswith("attn.q_bias")]:
@@ -717,12 +777,24 @@ def load_pretrained(model, source, upto_layer=None, verbose=True):
                          f"('register_tokens') and this model {want}: build it with num_registers="
                          f"{has.shape[1] if has is not None else 0} (e.g. a dinov2_*_reg4 preset for the "
                          "'_reg4' checkpoints, a plain dinov2_* preset otherwise)")
+    # CLIP's LayerNorm over the tokens before the first block, likewise.
+    if ("norm_pre.weight" in sd) != ("norm_pre.weight" in own):
+        raise ValueError(f"{name} has {'a' if 'norm_pre.weight' in sd else 'no'} LayerNorm before the first block "
+                         f"('norm_pre.weight') and this model {'none' if 'norm_pre.weight' in sd else 'one'}: "
+                         + ("a CLIP checkpoint loads into the clip_vitb16 preset (pre_norm=True)" if 'norm_pre.weight'
+                            in sd else "build the model with pre_norm=False (every preset but clip_vitb16)"))
 
     new = {}
     for k, v in sd.items():
         b = block_of(k)
         if k in own:
             new[k] = v
+        elif k == "patch_embed.proj.bias":  # a model built with patch_bias=False (CLIP) cannot add it
+            raise ValueError(f"{name}: {k!r} has no counterpart in this model (its patch projection has no bias)")
+        elif k.startswith(("vision_model.", "visual.")) and not _CLIP_EXTRA.match(k):
+            raise ValueError(f"{name}: CLIP image-tower weight {k!r} has no counterpart in this model")
+        elif _CLIP_EXTRA.match(k):
+            report["ignored"].append(k)
         elif _EXTRA.match(k) or (b is not None and b >= depth) or b is None:
             report["ignored"].append(k)
         elif ".gamma_" in k:  # layer scale changes every residual branch: ignoring it is not an option
@@ -1080,8 +1152,18 @@ dinov2_vits14, dinov2_vitb14, dinov2_vitl14 = _dinov2(384, 12, 6, 0), _dinov2(76
 dinov2_vits14_reg4, dinov2_vitb14_reg4, dinov2_vitl14_reg4 = (_dinov2(384, 12, 6, 4), _dinov2(768, 12, 12, 4),
                                                               _dinov2(1024, 24, 16, 4))
 
+
+def clip_vitb16(img_size=224, drop_path=0.0, last_heads=None, **kw):
+    """CLIP ViT-B/16's image tower (Radford et al. 2021): QuickGELU, LayerNorm eps 1e-5, a LayerNorm before the first
+    block (`norm_pre`), no patch-projection bias, learned pos_embed (the checkpoint's; its CLS row is not zero).
+    `norm` holds CLIP's post-LayerNorm, which CLIP applies to CLS only; forward here applies it to every token (no
+    segmentation head uses it). Loads Hugging Face, OpenAI / open_clip and timm checkpoints."""
+    return ViT(img_size, dim=768, depth=12, heads=12, last_heads=last_heads, drop_path=drop_path,
+               act=quick_gelu, norm_eps=1e-5, pre_norm=True, patch_bias=False, **kw)
+
+
 PRESETS = {"vit_micro": vit_micro, "vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base,
            "vit_large": vit_large,
            "dinov2_vits14": dinov2_vits14, "dinov2_vitb14": dinov2_vitb14, "dinov2_vitl14": dinov2_vitl14,
            "dinov2_vits14_reg4": dinov2_vits14_reg4, "dinov2_vitb14_reg4": dinov2_vitb14_reg4,
-           "dinov2_vitl14_reg4": dinov2_vitl14_reg4}
+           "dinov2_vitl14_reg4": dinov2_vitl14_reg4, "clip_vitb16": clip_vitb16}
