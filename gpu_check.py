@@ -58,7 +58,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 @dataclass
 class Config:
-    device: str = "cuda"  # cuda | cuda:N | cpu
+    device: str = "cuda"  # cuda | cpu (another GPU: CUDA_VISIBLE_DEVICES, as torchrun gives rank 0 the first one)
     tiny: bool = False  # tiny models, images and step counts (the CPU test of this script: about a minute on 2 cores)
     out: str = "runs/gpu_check"  # output folder: gpu_check.json, summary.md, a log per part
     work: str = ""  # folder for the runs and their checkpoints (default: a temporary folder, deleted at the end)
