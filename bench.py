@@ -65,7 +65,7 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "auto,none"  # precisions, alternating: auto | bf16 | fp16 | none; auto: bf16 on CUDA, AMX / AVX512-BF16 CPUs
     compile: bool = False  # torch.compile the fast path (pre-training wrappers, segmenter); naive stays eager
-    compile_backend: str = "inductor"  # torch.compile backend; aot_eager traces without code generation (a quick CPU check)
+    compile_backend: str = "inductor"  # torch.compile backend; eager / aot_eager only trace, without code generation (a quick CPU check)
     quick: bool = False  # small sizes for a CPU smoke run: images 64, batch 2, students T and S, 2 reps
     only: str = "pretrain,seg,slide,nmi,data"  # sections to run, comma-separated
     batch: int = 0  # pre-training and NMI images per step (0: 256 on CUDA, 8 on CPU, 2 with --quick)
