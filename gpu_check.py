@@ -14,10 +14,11 @@ The GPU path in one run: checks that every device path of the project works on a
   predict   predict.py with the seg run's best.pt on two synthetic frames
   bench     bench.py: pre-training steps T<-B@9, S<-B@9, S<-L@18 at batch 256, fast and naive paths; the 512 px
             fine-tuning step; sliding-window inference; bf16 and fp32 (TF32): img/s, peak memory, MFU
+  profile   torch.profiler over 3 pre-training steps of S<-L@18 in bf16 at batch 256: where the time goes
   compile   bench.py --compile for S<-B@9 and S<-L@18 in bf16: the same rows compiled, and their gain
 
     PYTHONUNBUFFERED=1 python gpu_check.py --device cuda --out runs/gpu_check     # one GPU, under 8 minutes
-    python gpu_check.py --device cpu --tiny --out /tmp/gpu_check                   # tiny sizes: the CPU test
+    python gpu_check.py --device cpu --tiny --out /tmp/gpu_check                   # tiny sizes: ~1 min of CPU time
 
 Every part but numerics runs the project's scripts as they are run by hand; numerics runs as its own process
 too. Each part has a time limit (the whole run keeps to --budget seconds): a part that fails or runs out of
@@ -59,7 +60,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 @dataclass
 class Config:
     device: str = "cuda"  # cuda | cpu (another GPU: CUDA_VISIBLE_DEVICES, as torchrun gives rank 0 the first one)
-    tiny: bool = False  # tiny models, images and step counts (the CPU test of this script: about a minute on 2 cores)
+    tiny: bool = False  # tiny models, images and step counts (the CPU test of this script: ~1 min of CPU time)
     out: str = "runs/gpu_check"  # output folder: gpu_check.json, summary.md, a log per part
     work: str = ""  # folder for the runs and their checkpoints (default: a temporary folder, deleted at the end)
     parts: str = "numerics,pretrain,seg,predict,bench,profile,compile"  # parts to run, in this order
