@@ -20,8 +20,8 @@ The GPU path in one run: checks that every device path of the project works on a
     PYTHONUNBUFFERED=1 python gpu_check.py --device cuda --out runs/gpu_check     # one GPU, under 8 minutes
     python gpu_check.py --device cpu --tiny --out /tmp/gpu_check                   # tiny sizes: ~1 min of CPU time
 
-Every part but numerics runs the project's scripts as they are run by hand; numerics runs as its own process
-too. Each part has a time limit (the whole run keeps to --budget seconds): a part that fails or runs out of
+pretrain, seg, predict, bench and compile run the project's scripts as a user runs them; numerics and profile
+run this file in a process of their own. Each part has a time limit (the whole run keeps to --budget seconds): a part that fails or runs out of
 time is reported, with the end of its log, and the next part still runs. Printed: one PASS / FAIL / SKIP line
 per check, a summary table and the bench table. Written to --out: gpu_check.json (versions, every check, the
 bench rows), summary.md, a log per part and the runs' log.jsonl files; checkpoints go to --work (a temporary
