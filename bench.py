@@ -13,6 +13,7 @@ Speed, memory and model-FLOP utilisation (MFU) of the steps this project runs (U
     python bench.py --device cpu                     # the CPU table of the README (bf16 where the CPU has it + fp32)
     python bench.py --quick --device cpu             # small sizes, under a minute on 2 CPU cores
     python bench.py --only pretrain --compile --json out.json
+    python bench.py --only pretrain --pairs vit_small=vit_large@18 --amp bf16   # one case
 
 Conventions.
   Time: every path (fast, naive) of a case in every precision (--amp; default: what training would pick,
@@ -64,6 +65,7 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "auto,none"  # precisions, alternating: auto | bf16 | fp16 | none; auto: bf16 on CUDA, AMX / AVX512-BF16 CPUs
     compile: bool = False  # torch.compile the fast path (pre-training wrappers, segmenter); naive stays eager
+    compile_backend: str = "inductor"  # torch.compile backend; eager / aot_eager only trace, without code generation (a quick CPU check)
     quick: bool = False  # small sizes for a CPU smoke run: images 64, batch 2, students T and S, 2 reps
     only: str = "pretrain,seg,slide,nmi,data"  # sections to run, comma-separated
     batch: int = 0  # pre-training and NMI images per step (0: 256 on CUDA, 8 on CPU, 2 with --quick)
@@ -72,6 +74,7 @@ class Config:
     seg_img: int = 0  # fine-tuning crop and sliding window (0: 512; 64 with --quick)
     students: str = ""  # student presets (default: vit_tiny,vit_small,vit_base on CUDA; else without vit_base)
     teachers: str = "vit_base@9,vit_large@18"  # teacher preset@layer (DINO-B layer 9, MAE-L layer 18)
+    pairs: str = ""  # student=teacher@layer cases instead of --students x --teachers, e.g. vit_small=vit_large@18
     warmup: int = 0  # untimed steps per case (0: 5 on CUDA; 1 on CPU or with --quick)
     reps: int = 0  # timed steps per case; its paths and precisions alternate (0: 20 on CUDA, 7 on CPU; 2 --quick)
     workers: int = -1  # data-loader worker processes (-1: 8; 2 with --quick)
@@ -303,6 +306,18 @@ def main(argv=None):
     # a CPU is ~100x slower than a GPU: fewer steps, no ViT-B student
     warmup, reps = cfg.warmup or (5 if cuda and not q else 1), cfg.reps or (2 if q else 20 if cuda else 7)
     students = (cfg.students or ("vit_tiny,vit_small,vit_base" if cuda and not q else "vit_tiny,vit_small")).split(",")
+    pairs = None
+    if cfg.pairs:  # chosen cases instead of every student with every teacher
+        try:
+            pairs = [(s, t, int(layer)) for s, t, layer in (re.fullmatch(r"(\w+)=(\w+)@(\d+)", p.strip()).groups()
+                                                         for p in cfg.pairs.split(","))]
+        except AttributeError:
+            raise SystemExit(f"--pairs {cfg.pairs!r}: expected student=teacher@layer[,...], e.g. vit_small=vit_large@18")
+        unknown = sorted({a for s, t, _ in pairs for a in (s, t)} - set(unip.PRESETS))
+        if unknown:
+            raise SystemExit(f"--pairs: unknown presets {unknown}; choose from {sorted(unip.PRESETS)}")
+        students = list(dict.fromkeys(s for s, _, _ in pairs))
+        teachers = list(dict.fromkeys((t, layer) for _, t, layer in pairs))
     why = dict(unip.resolve_amp(a, device) for a in cfg.amp.split(","))  # {precision: why}, in order, no repeats
     amps = list(why)
     low = lambda amp: torch.float16 if amp == "fp16" else torch.bfloat16
@@ -317,7 +332,7 @@ def main(argv=None):
     dev_name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
     say(json.dumps(asdict(cfg), indent=1))
     say(f"device {dev_name} | torch {torch.__version__} | amp {', '.join(f'{a} ({w})' for a, w in why.items())} | "
-        f"compile {cfg.compile} | peak {' / '.join(str(p or '?') for p in peak.values())} TFLOP/s | "
+        f"compile {cfg.compile and cfg.compile_backend} | peak {' / '.join(str(p or '?') for p in peak.values())} TFLOP/s | "
         f"batch {batch} @ {img}px, seg {seg_batch} @ {seg_img}px | warm-up {warmup}, reps {reps}"
         + (" | CPU time" if cfg.cpu_time and not cuda else ""))
     rows = []
@@ -368,7 +383,8 @@ def main(argv=None):
                 m.requires_grad_(False)
             student_fn, teacher_fn = AttentionLogits(student, depth), AttentionLogits(teacher, layer)
             if cfg.compile:
-                student_fn, teacher_fn = torch.compile(student_fn), torch.compile(teacher_fn)
+                compiled = functools.partial(torch.compile, backend=cfg.compile_backend)
+                student_fn, teacher_fn = compiled(student_fn), compiled(teacher_fn)
         params = [p for p in student.parameters() if p.requires_grad]
         opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1], "weight_decay": 0.05},
                                  {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
@@ -390,6 +406,8 @@ def main(argv=None):
     if "pretrain" in sections:
         for teacher_arch, layer in teachers:
             for student_arch in students:
+                if pairs and (student_arch, teacher_arch, layer) not in pairs:
+                    continue
                 t_proto = proto(teacher_arch, img_size=img)
                 heads = t_proto.blocks[layer - 1].attn.heads  # the student's last block gets the teacher's heads
                 s_proto = proto(student_arch, img_size=img, drop_path=0.1, last_heads=heads)
@@ -416,7 +434,7 @@ def main(argv=None):
 
     def seg_step(n, amp, optimise=True):
         seg = clone(seg_proto, device).train()
-        model = torch.compile(seg) if (cfg.compile and optimise) else seg
+        model = torch.compile(seg, backend=cfg.compile_backend) if (cfg.compile and optimise) else seg
         opt = torch.optim.AdamW(unip.layer_decay_groups(seg), lr=1e-4, betas=(0.9, 0.999), fused=cuda)
         scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
         x = torch.randn(n, 3, seg_img, seg_img, device=device)
@@ -492,7 +510,7 @@ def main(argv=None):
     table = markdown(rows)
     say("\n" + table)
     if cfg.json:
-        result = {"device": dev_name, "torch": torch.__version__, "amp": why, "peak_tflops": peak,
+        result = {"device": dev_name, "torch": torch.__version__, "cuda": torch.version.cuda, "amp": why, "peak_tflops": peak,
                   "config": asdict(cfg), "rows": rows}
         if cfg.json == "-":
             print(json.dumps(result, indent=1))

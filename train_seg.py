@@ -317,6 +317,7 @@ def main(argv=None):
                 crop=crop, stride=stride, short_side=cfg.eval_size or crop)
     if ddp and device.type == "cuda":
         seg = nn.SyncBatchNorm.convert_sync_batchnorm(seg)  # batch 8 over GPUs: BN statistics over all of it
+        print0(f"BatchNorm -> SyncBatchNorm over {world} process{'es' if world > 1 else ' (plain BatchNorm)'}")
     seg.to(device)
 
     # ------------------------------------------------------------------ optimiser and schedule

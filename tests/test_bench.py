@@ -260,3 +260,13 @@ def test_ratios_are_taken_round_by_round():
     naive, fast = [3.0, 3.0, 27.0], [1.0, 3.0, 9.0]
     assert bench.round_ratio(naive, fast) == 3.0 and statistics.median(naive) / statistics.median(fast) == 1.0
     assert bench.round_ratio(fast, fast) == 1.0
+
+
+def test_pairs_choose_the_cases():
+    rows = bench.main(["--device", "cpu", "--quick", "--threads", "1", "--only", "pretrain", "--img", "32", "--reps", "1",
+                       "--amp", "none", "--pairs", "vit_tiny=vit_small@6"])
+    assert {(r["case"], r["path"]) for r in rows} == {("vit_tiny <- vit_small@6", "fast"), ("vit_tiny <- vit_small@6", "naive")}
+    with pytest.raises(SystemExit, match="student=teacher@layer"):
+        bench.main(["--device", "cpu", "--only", "pretrain", "--pairs", "vit_tiny-vit_small@6"])
+    with pytest.raises(SystemExit, match="unknown presets"):
+        bench.main(["--device", "cpu", "--only", "pretrain", "--pairs", "vit_tiny=vit_huge@6"])
