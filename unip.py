@@ -791,10 +791,10 @@ def load_pretrained(model, source, upto_layer=None, verbose=True):
             new[k] = v
         elif k == "patch_embed.proj.bias":  # a model built with patch_bias=False (CLIP) cannot add it
             raise ValueError(f"{name}: {k!r} has no counterpart in this model (its patch projection has no bias)")
-        elif k.startswith(("vision_model.", "visual.")) and not _CLIP_EXTRA.match(k):
-            raise ValueError(f"{name}: CLIP image-tower weight {k!r} has no counterpart in this model")
         elif _CLIP_EXTRA.match(k):
             report["ignored"].append(k)
+        elif k.startswith(("vision_model.", "visual.")):  # a CLIP variant's weight that clip_to_vit does not map
+            raise ValueError(f"{name}: CLIP image-tower weight {k!r} has no counterpart in this model")
         elif _EXTRA.match(k) or (b is not None and b >= depth) or b is None:
             report["ignored"].append(k)
         elif ".gamma_" in k:  # layer scale changes every residual branch: ignoring it is not an option
