@@ -997,7 +997,8 @@ class Segmenter(nn.Module):
 
 def layer_decay_groups(model, weight_decay=0.05, layer_decay=0.85):
     """AdamW parameter groups with layer-wise lr decay (BEiT/MAE rule):
-    patch_embed, cls_token, pos_embed, register_tokens -> id 0; block i (0-based)
+    patch_embed, cls_token, pos_embed, register_tokens and norm_pre (CLIP's
+    LayerNorm before the first block) -> id 0; block i (0-based)
     -> i + 1; everything else (pyramid, heads) -> depth + 1. lr scale =
     decay^(depth+1-id). No weight decay on biases, 1-D parameters, pos_embed,
     cls_token and register_tokens (learned tokens like CLS: DINOv2 and timm
@@ -1009,7 +1010,7 @@ def layer_decay_groups(model, weight_decay=0.05, layer_decay=0.85):
         if not p.requires_grad:
             continue
         if name.startswith(("backbone.patch_embed", "backbone.cls_token", "backbone.pos_embed",
-                            "backbone.register_tokens")):
+                            "backbone.register_tokens", "backbone.norm_pre")):
             lid = 0
         elif name.startswith("backbone.blocks."):
             lid = int(name.split(".")[2]) + 1
