@@ -342,8 +342,14 @@ def main(argv=None):
                    "each seed re-runs fine-tuning only (one distillation per layer)" if cfg.distill_seeds == 1 else
                    f"fine-tuning seed s uses distillation run s mod {cfg.distill_seeds}")
 
+    # A curve as long as the rows' distillation is the rule's first distillation run with snapshots: no extra run,
+    # and its last point is the rule's seed-0 fine-tuning.
+    curve_shared = bool(curve) and curve[-1] == cfg.distill_steps and "rule" in layers
+    curve_dir = out(f"student_l{layer}_s0") if curve_shared else out(f"curve_l{layer}")
+
     # ---------------------------------------------------------------- NMI-HAD, then fine-tuning and probing
-    inits = {row: [distil(layers[row], d, unlabelled) for d in range(cfg.distill_seeds)] for row in distilled}
+    inits = {row: [distil(layers[row], d, unlabelled, keep=cfg.curve_steps if curve_shared and row == "rule" and d == 0
+                          else "") for d in range(cfg.distill_seeds)] for row in distilled}
     runs = {}  # (row, mode) -> [mIoU per seed]
 
     def evaluate(row, init, seed, mode, name):
@@ -369,12 +375,19 @@ def main(argv=None):
     # One run of the longest length with snapshots: the shorter ones sit inside its cosine schedule.
     curve_runs = {}  # steps -> {mode: mIoU}
     if curve:
-        folder = out(f"curve_l{layer}")
-        distil(layer, 0, unlabelled, steps=curve[-1], keep=",".join(map(str, curve)), folder=folder,
-               what=f", length curve: snapshots at steps {', '.join(map(str, curve))}")
+        if not curve_shared:
+            distil(layer, 0, unlabelled, steps=curve[-1], keep=cfg.curve_steps, folder=curve_dir,
+                   what=f", length curve: snapshots at steps {', '.join(map(str, curve))}")
+        missing = [s for s in curve if not os.path.exists(os.path.join(curve_dir, f"step{s}.pt"))]
+        if missing:  # e.g. the folder was distilled earlier without --curve-steps
+            raise FileNotFoundError(f"{curve_dir} has no snapshots for steps {missing} (--curve-steps); "
+                                    f"delete that folder to distil it again with them")
         for steps in curve:
             for mode in ("finetune", "linear"):
-                init = ["--model", cfg.student, "--init", os.path.join(folder, f"step{steps}.pt")]
+                if curve_shared and steps == curve[-1]:  # the same weights and seed as the rule's seed-0 run
+                    curve_runs.setdefault(steps, {})[mode] = runs[("rule", mode)][0]
+                    continue
+                init = ["--model", cfg.student, "--init", os.path.join(curve_dir, f"step{steps}.pt")]
                 curve_runs.setdefault(steps, {})[mode] = evaluate(f"curve {steps} steps", init, 0, mode,
                                                                   f"{mode}_curve{steps}_s0")
 
@@ -440,7 +453,9 @@ def main(argv=None):
     if curve:
         lines += [f"Distillation length, layer {layer}, seed 0 (mIoU %): snapshots of ONE run of {curve[-1]} steps, "
                   f"one cosine schedule over {curve[-1]} steps, so the shorter snapshots are taken mid-schedule "
-                  f"(not annealed)", "", "| distillation steps | fine-tune | linear probe |", "|---|---|---|"]
+                  f"(not annealed)" + (f"; that run is the rule's distillation run 0, and its {curve[-1]}-step "
+                                       f"point the rule's seed-0 row" if curve_shared else ""),
+                  "", "| distillation steps | fine-tune | linear probe |", "|---|---|---|"]
         if "scratch" in rows:
             lines.append(f"| 0 (scratch, seed 0) | {runs[('scratch', 'finetune')][0]:.1f} | "
                          f"{runs[('scratch', 'linear')][0]:.1f} |")
@@ -464,6 +479,7 @@ def main(argv=None):
                    "runs": {f"{r}/{m}": v for (r, m), v in runs.items()}, "minus_scratch": ci_json(stats),
                    "between_layers": ci_json(comparisons),
                    "curve": {"layer": layer, "schedule_steps": curve[-1] if curve else None, "seed": 0,
+                             "folder": curve_dir if curve else None,
                              "miou": {str(k): v for k, v in curve_runs.items()}},
                    "config": dataclasses.asdict(cfg), "commit": commit, "uncommitted_changes": dirty,
                    "seconds": times, "wall_seconds": wall}, f, indent=1)

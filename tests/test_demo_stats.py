@@ -193,3 +193,26 @@ def test_a_row_on_the_rules_layer_is_not_run_twice(tmp_path, monkeypatch):
     md = open(out / "results.md").read()
     assert "row 'closest' (layer 1) is the same layer as row 'rule'" in md
     assert "each seed re-runs fine-tuning only" in md and "Between layers" not in md
+
+
+def test_a_curve_as_long_as_the_rows_reuses_the_rules_first_distillation(tmp_path, monkeypatch):
+    calls = []
+    fake_scripts(calls, monkeypatch)
+    out = tmp_path / "out"
+    argv = ["--out", str(out), *folders(tmp_path), "--rows", "scratch,rule", "--seeds", "2", "--distill-seeds", "1",
+            "--distill-steps", "4", "--curve-steps", "4,2"]
+    demo.main(argv)
+    distils = [a for s, a in calls if s == "train_pretrain.py"]
+    assert len(distils) == 1 and distils[0][distils[0].index("--keep-steps") + 1] == "2,4"
+    segs = [os.path.basename(a[a.index("--out") + 1]) for s, a in calls if s == "train_seg.py"]
+    assert sorted(segs) == sorted([f"{m}_{r}_s{s}" for m in ("finetune", "linear") for r in ("scratch", "rule")
+                                   for s in (0, 1)] + ["finetune_curve2_s0", "linear_curve2_s0"])
+    res = json.load(open(out / "results.json"))
+    assert res["curve"]["miou"]["4"] == {"finetune": res["runs"]["rule/finetune"][0],
+                                         "linear": res["runs"]["rule/linear"][0]}
+    assert res["curve"]["folder"].endswith("student_l11_s0")
+    # the rows' run distilled without snapshots cannot give a curve: a clear error, not a silent re-use
+    for f in (out / "student_l11_s0").glob("step*.pt"):
+        f.unlink()
+    with pytest.raises(FileNotFoundError, match="no snapshots for steps \\[2, 4\\]"):
+        demo.main(argv)
