@@ -246,6 +246,8 @@ def main(argv=None):
 
     common = ["--device", cfg.device, "--amp", cfg.amp, "--workers", 1]
 
+    schedule = {}  # distillation steps -> length of the lr schedule they stop in
+
     def distil(layer, seed, images, steps=None, keep="", folder=None, what=""):
         """NMI-HAD: the teacher layer's logits -> the student's last layer, for `steps` optimiser steps."""
         steps = steps or cfg.distill_steps
@@ -257,6 +259,7 @@ def main(argv=None):
         if per_epoch < 1:
             raise ValueError(f"{n_unlabelled} unlabelled images are fewer than one batch of 32 (--unlabelled)")
         epochs = math.ceil(steps / per_epoch)
+        schedule[steps] = epochs * per_epoch
         if epochs * per_epoch != steps:
             print(f"note: {steps} steps stop inside a schedule of {epochs * per_epoch} ({epochs} epochs of "
                   f"{per_epoch} steps): the lr is not fully annealed at the stop")
@@ -401,7 +404,7 @@ def main(argv=None):
     comparisons = {(a, b, m): paired_ci(runs[(a, m)], runs[(b, m)]) for a, b, _ in pairs for m in modes}
 
     # ---------------------------------------------------------------- the tables
-    kind = {"rule": f"the rule's ({nmi.get('layer_rule', 'after-peak')})",
+    kind = {"rule": f"the rule's: {nmi.get('layer_rule', 'after-peak')}",
             "peak": "control" if cfg.control_layer else "NMI peak: local",
             "closest": f"closest to {nmi.get('target', 0.09)} over all layers", "last": "last layer: global"}
     label = {"scratch": f"{cfg.student} from scratch (random init)",
@@ -452,8 +455,8 @@ def main(argv=None):
         lines.append("")
     if curve:
         lines += [f"Distillation length, layer {layer}, seed 0 (mIoU %): snapshots of ONE run of {curve[-1]} steps, "
-                  f"one cosine schedule over {curve[-1]} steps, so the shorter snapshots are taken mid-schedule "
-                  f"(not annealed)" + (f"; that run is the rule's distillation run 0, and its {curve[-1]}-step "
+                  f"one cosine schedule over {schedule[curve[-1]]} steps, so the shorter snapshots are taken "
+                  f"mid-schedule (not annealed)" + (f"; that run is the rule's distillation run 0, and its {curve[-1]}-step "
                                        f"point the rule's seed-0 row" if curve_shared else ""),
                   "", "| distillation steps | fine-tune | linear probe |", "|---|---|---|"]
         if "scratch" in rows:
