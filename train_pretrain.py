@@ -75,6 +75,7 @@ class Config:
     log_every: int = 20  # optimiser steps between log lines (the only host syncs)
     save_every: int = 500  # optimiser steps between checkpoints (also at every epoch end)
     keep_every: int = 20  # also keep a copy OUT/epochN.pt every N epochs (0 = never)
+    keep_steps: str = ""  # also keep OUT/stepN.pt (same format as ckpt.pt) at these optimiser steps, e.g. '150,300,600'
     resume: str = ""  # checkpoint to resume from, or 'auto' = OUT/ckpt.pt if it exists
     seed: int = 0  # seed; process r uses seed + r for dropout / drop path
 
@@ -140,6 +141,18 @@ def resize_for(x, size):
     return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
 
 
+def parse_keep_steps(text, last_step):
+    """--keep-steps '150,300,600' -> {150, 300, 600}; each a step this run reaches."""
+    try:
+        steps = {int(v) for v in text.split(",") if v.strip()}
+    except ValueError:
+        raise ValueError(f"--keep-steps: comma-separated optimiser steps, e.g. '150,300,600'; got {text!r}") from None
+    bad = sorted(s for s in steps if not 1 <= s <= last_step)
+    if bad:
+        raise ValueError(f"--keep-steps {bad}: outside the steps of this run (1..{last_step}; see --steps / --epochs)")
+    return steps
+
+
 def main(argv=None):
     cfg = parse_config(argv)
 
@@ -186,6 +199,7 @@ def main(argv=None):
                          "lower --batch-size / --effective-batch")
     total_steps = cfg.epochs * steps_per_epoch
     last_step = min(cfg.steps, total_steps) if cfg.steps else total_steps
+    keep_steps = parse_keep_steps(cfg.keep_steps, last_step)
     lr = cfg.lr or cfg.blr * eff_batch / 256
 
     # ---------------------------------------------------------------- teacher (frozen, never in DDP)
@@ -382,10 +396,12 @@ def main(argv=None):
                     log.write(json.dumps(row) + "\n")
                     log.flush()
                 t0, t_step = time.time(), step
-            if step % cfg.save_every == 0 or step % steps_per_epoch == 0 or step == last_step:
+            if step % cfg.save_every == 0 or step % steps_per_epoch == 0 or step == last_step or step in keep_steps:
                 if loss_n:
                     check(mean_loss())
                 save(ckpt_path)
+                if step in keep_steps:  # snapshots of one schedule: a distillation-length curve from one run
+                    save(os.path.join(cfg.out, f"step{step}.pt"))
                 done = step // steps_per_epoch
                 if master and cfg.keep_every and step % steps_per_epoch == 0 and done % cfg.keep_every == 0:
                     keep = os.path.join(cfg.out, f"epoch{done}.pt")

@@ -76,6 +76,24 @@ def test_resume_mid_epoch_gives_identical_weights(teacher, tmp_path):
         assert torch.equal(wa[k], wb[k]), k
 
 
+def test_keep_steps_writes_snapshots_of_the_same_schedule(teacher, tmp_path):
+    # step2.pt of a 5-step run is the checkpoint a run stopped at step 2 writes (same schedule, same format)
+    run(TINY + ["--teacher", teacher, "--steps", "5", "--keep-steps", "2,5"], tmp_path / "a")
+    run(TINY + ["--teacher", teacher, "--steps", "2"], tmp_path / "b")
+    assert sorted(f for f in os.listdir(tmp_path / "a") if f.endswith(".pt")) == ["ckpt.pt", "step2.pt", "step5.pt"]
+    snap, short = (unip.load_checkpoint(str(p)) for p in (tmp_path / "a" / "step2.pt", tmp_path / "b" / "ckpt.pt"))
+    assert set(snap) == set(short) and snap["step"] == 2 and snap["config"]["keep_steps"] == "2,5"
+    assert not torch.equal(snap["model"]["blocks.11.attn.qkv.weight"], weights(tmp_path / "a")["blocks.11.attn.qkv.weight"])
+    for k in short["model"]:
+        assert torch.equal(snap["model"][k], short["model"][k]), k
+    last = unip.load_checkpoint(str(tmp_path / "a" / "step5.pt"))
+    assert last["step"] == 5 and all(torch.equal(last["model"][k], v) for k, v in weights(tmp_path / "a").items())
+    unip.load_pretrained(unip.vit_tiny(img_size=32, last_heads=6), str(tmp_path / "a" / "step2.pt"), verbose=False)
+    for bad in ("6", "0", "2,x"):
+        with pytest.raises(ValueError, match="--keep-steps"):
+            run(TINY + ["--teacher", teacher, "--steps", "5", "--keep-steps", bad], tmp_path / "c")
+
+
 def test_teacher_layer_auto_uses_the_layer_it_prints(teacher, tmp_path, capsys):
     args = [a if a != "6" else "auto" for a in TINY]
     run(args + ["--teacher", teacher, "--steps", "1", "--nmi-images", "8"], tmp_path)
