@@ -78,7 +78,7 @@ class Config:
     label_budget: int = 200  # synthetic: labelled scenes the students are fine-tuned on
     finetune_iters: int = 0  # fine-tuning / linear-probing iterations (batch 8) per run (0: 300 synthetic, 250 real)
     analyse_images: int = 64  # images for the NMI analysis
-    analyse_size: int = 224  # real mode: image side for the NMI analysis
+    analyse_size: int = 0  # real mode: the student's crop for the NMI analysis (0: --size, the grid distillation uses)
     amp: str = "auto"  # precision of every stage: auto (bf16 where the CPU has it) | bf16 | none
     device: str = "cpu"  # device for every stage
     fresh: bool = False  # delete --out first
@@ -321,7 +321,7 @@ def main(argv=None):
                       "--label-dir", "labels", "--train-split", out("split", "train.txt"),
                       "--val-split", out("split", "val.txt"), "--classes", cfg.classes, "--label-map", cfg.label_map,
                       "--crop", cfg.size, "--eval-every", 0, "--log-every", 20, "--num-samples", 2, *common]
-        analyse_args = ["--img-size", cfg.analyse_size, "--images", unlabelled]
+        analyse_args = ["--img-size", cfg.analyse_size or cfg.size, "--images", unlabelled]
 
     # ---------------------------------------------------------------- the teacher's attention patterns
     stage("analyse the teacher's attention", "analyze.py", "--checkpoint", teacher_ckpt, "--arch", cfg.teacher_arch,
