@@ -14,7 +14,7 @@ layer's attention logits into the last layer of a small ViT (NMI-HAD). The
 student is then fine-tuned with a pyramid built from its last layer (LL-FPN)
 and an UperNet head.
 
-Contents, in reading order:
+Contents, in reading order. The method:
   1. helpers            sin-cos position embedding, resampling (POS_INTERP), centre padding,
                         stochastic depth
   2. Attention, MLP, Block
@@ -22,13 +22,16 @@ Contents, in reading order:
                         QuickGELU, a LayerNorm before the blocks, no patch bias (CLIP);
                         attention_logits / attention_maps / features
   4. NMI analysis       nmi, classify_heads, layer_choice / choose_layer, layer_nmi
-  5. distillation loss  distill_loss (NMI-HAD, UNIP §3.2)
-  6. checkpoints        load_checkpoint, load_pretrained (MAE, DINO, iBOT, DeiT, DINOv2, CLIP, UNIP)
-  7. segmentation       LL-FPN, UperNet, FCN auxiliary head, linear probes,
-                        layer-wise lr decay, sliding-window inference, mIoU,
-                        load_segmenter (a train_seg.py checkpoint -> a ready model)
-  8. size presets       vit_tiny, vit_small, vit_base, vit_large (+ vit_micro for CPU demos),
+  5. NMI-HAD            distill_loss (UNIP §3.2); the teacher's view of the student's crop
+  6. segmentation       LL-FPN, UperNet, FCN auxiliary head, linear probes, layer-wise lr decay
+  7. size presets       vit_tiny, vit_small, vit_base, vit_large (+ vit_micro for CPU demos),
                         dinov2_vits14 / vitb14 / vitl14 (+ _reg4), clip_vitb16
+Then what a copier needs around it:
+  8. checkpoints        load_checkpoint, save_checkpoint, load_pretrained (MAE, DINO, iBOT, DeiT,
+                        DINOv2, CLIP, UNIP), load_segmenter (a train_seg.py checkpoint -> a model)
+  9. training helpers   precision (resolve_amp, autocast_weights_), SDPA or explicit attention,
+                        AttentionLogits (the module DDP and torch.compile wrap)
+ 10. inference          sliding-window inference, mIoU
 
 Shapes: B batch, N tokens (1 + h*w, CLS first; register tokens, if any, sit after CLS inside
 the blocks but never in an output), D width, H heads, h/w patch grid.
@@ -44,6 +47,7 @@ import re
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 
 # -----------------------------------------------------------------------------
 # 1. helpers
@@ -141,55 +145,6 @@ def fp32(device_type):
     return torch.autocast(device_type, enabled=False) if available else contextlib.nullcontext()
 
 
-def cpu_bf16_units():
-    """This CPU's native bf16 matrix instructions, 'AMX-BF16' or 'AVX512-BF16', or None.
-    torch.cpu's checks are private: missing or failing counts as None, so the default stays fp32."""
-    for name, check in (("AMX-BF16", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported")):
-        try:
-            if getattr(torch.cpu, check)():
-                return name
-        except Exception:
-            pass
-    return None
-
-
-def resolve_amp(amp, device):
-    """--amp -> (autocast precision 'bf16' | 'fp16' | 'none', why, for the banner).
-    auto: bf16 on CUDA; on a CPU bf16 only where it has bf16 matrix units (there a pre-training step is
-    ~2.5x faster than fp32; without them bf16 is emulated and slower than fp32); none elsewhere."""
-    device = torch.device(device)
-    if amp == "auto" and os.environ.get("UNIP_AMP", "auto") != "auto":
-        amp, why = os.environ["UNIP_AMP"], "UNIP_AMP"
-    elif amp == "auto":
-        units = cpu_bf16_units() if device.type == "cpu" else None
-        amp = "bf16" if device.type == "cuda" or units else "none"
-        why = f"auto: CPU has {units}" if units else \
-            "auto: CPU without bf16 matrix units" if device.type == "cpu" else f"auto: {device.type}"
-    else:
-        why = "--amp"
-    if amp not in ("bf16", "fp16", "none"):
-        raise ValueError(f"amp must be auto, bf16, fp16 or none, got {amp!r} ({why})")
-    return amp, why
-
-
-def autocast_weights_(model, dtype, keep=()):
-    """Store a frozen model's linear and convolution layers in `dtype`, except the modules in `keep`.
-    Autocast to `dtype` rounds their weights so at every call anyway: under it the results are the same, bit
-    for bit, without the per-step copies (a frozen ViT-B teacher's bf16 forward: ~4% faster on a CPU), and the
-    weights take half the memory. Only for a model that always runs under that autocast."""
-    for m in model.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)) and not any(m is k for k in keep):
-            m.to(dtype)
-    return model
-
-
-def use_sdpa(q):
-    """SDPA (fused kernels) for attention, except a CPU backward pass in bf16: there SDPA's CPU backward
-    kernel is slow and the explicit softmax(q·kᵀ)·v trains ~2x faster at N = 197..577 (224-384 px; at
-    N = 1025, 512 px, they are level). In fp32, and without gradients, SDPA is as fast or faster."""
-    return not (q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad)
-
-
 def drop_path(x, p, training):
     """Stochastic depth: drop the whole residual branch per sample."""
     if p == 0.0 or not training:
@@ -204,9 +159,10 @@ def drop_path(x, p, training):
 
 class Attention(nn.Module):
     """Multi-head self-attention with one fused qkv projection (standard keys
-    `qkv`, `proj`). `forward` uses SDPA, or the explicit product where that
-    is faster (use_sdpa); forward_with_attention and logits give the map
-    (post- or pre-softmax), with q·kᵀ computed once."""
+    `qkv`, `proj`). `forward` uses SDPA (`fused`, on by default) or the same
+    softmax(q·kᵀ)·v written out (a switch, as timm's `fused_attn`; the tests
+    hold one against the other); forward_with_attention and logits give the
+    map (post- or pre-softmax), with q·kᵀ computed once."""
 
     def __init__(self, dim, heads, qkv_bias=True):
         super().__init__()
@@ -217,6 +173,7 @@ class Attention(nn.Module):
         self.scale = self.head_dim ** -0.5  # uses *this* block's head_dim (16 heads on ViT-S -> 24)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        self.fused = True  # SDPA: flash / memory-efficient kernels, no (B, H, N, N) map kept for the backward
 
     def _split(self, x, parts):  # (B, N, parts*D) -> parts x (B, H, N, hd)
         B, N, _ = x.shape
@@ -224,7 +181,7 @@ class Attention(nn.Module):
 
     def forward(self, x):  # (B, N, D) -> (B, N, D)
         q, k, v = self._split(self.qkv(x), 3)
-        if use_sdpa(q):
+        if self.fused:
             x = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, hd)
         else:  # the scale on q: (B, H, N, hd) multiplies instead of (B, H, N, N)
             x = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
@@ -474,7 +431,8 @@ class ViT(nn.Module):
 
 # -----------------------------------------------------------------------------
 # 4. NMI analysis (UNIP §3.1; the formula of Park et al., ICLR 2023)
-#
+
+
 # For one head, read the post-softmax map A (L x L) as a joint distribution of
 # query and key positions: p(q, k) = A[q, k] / L, so p(q) = 1/L and
 # p(k) = mean_q A[q, k].  Then
@@ -603,9 +561,276 @@ def distill_loss(student_logits, teacher_logits):
         return (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1).mean()
 
 
+# The teacher and the student see the same crop. A teacher with another patch size (DINOv2: 14) sees it
+# resized so that both token grids are equal and the logits line up token by token.
+
+
+def teacher_view(img_size, student_patch, teacher_patch, flag="--img-size"):
+    """(teacher side, grid): the side at which the teacher sees the student's crop, the student's token grid
+    times the teacher's patch (224 px, patch 16 -> 14x14 tokens -> 196 px for a patch-14 teacher), and that
+    grid. A crop that is not a multiple of the student's patch is refused, naming the nearest valid sizes: the
+    student would drop its last pixels while the teacher sees the whole crop resized, and the grids would
+    no longer cover the same pixels."""
+    patch_multiple(img_size, student_patch, f"{flag} (the student's crop)")
+    grid = img_size // student_patch
+    return grid * teacher_patch, grid
+
+
+def resize_for(x, size):
+    """The student's crop (B, 3, S, S) resized to the teacher's view (B, 3, size, size): bicubic, antialiased."""
+    return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+
+
 # -----------------------------------------------------------------------------
-# 6. checkpoints
-#
+# 6. segmentation: LL-FPN + UperNet (UNIP §3.3), linear probes
+
+
+# Initialisation as mmseg's (0.11) heads: conv-BN-ReLU convs kaiming-normal (fan_out, relu), BN 1/0,
+# classifier convs N(0, 0.01) with zero bias, so that the first logits are small and near-uniform.
+
+
+def conv_bn_relu(cin, cout, k):
+    conv = nn.Conv2d(cin, cout, k, padding=k // 2, bias=False)
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    return nn.Sequential(conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+def classifier(cin, num_classes):  # the 1x1 conv that gives the logits
+    conv = nn.Conv2d(cin, num_classes, 1)
+    nn.init.normal_(conv.weight, std=0.01)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+class LLFPN(nn.Module):
+    """Simple feature pyramid: four stride-16 maps -> strides 4, 8, 16, 32.
+    LL-FPN feeds the last block's output to all four; the multi-layer
+    baseline feeds blocks 4, 6, 8, 12."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.fpn1 = nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, stride=2), nn.BatchNorm2d(dim), nn.GELU(),
+                                  nn.ConvTranspose2d(dim, dim, 2, stride=2))
+        self.fpn2 = nn.ConvTranspose2d(dim, dim, 2, stride=2)
+        self.fpn3 = nn.Identity()
+        self.fpn4 = nn.MaxPool2d(2, stride=2)
+
+    def forward(self, feats):  # 4 x (B, D, h, w) -> (B, D, 4h, 4w), (B, D, 2h, 2w), (B, D, h, w), (B, D, h/2, w/2)
+        return [op(f) for op, f in zip((self.fpn1, self.fpn2, self.fpn3, self.fpn4), feats)]
+
+
+def _up(x, size):
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+class UperHead(nn.Module):
+    """UperNet (Xiao et al. 2018) as in mmseg's UPerHead: pyramid pooling on
+    the coarsest map, laterals + top-down path, 3x3 FPN convs, fusion at the
+    finest stride, Dropout2d 0.1, 1x1 classifier."""
+
+    def __init__(self, in_dim, channels, num_classes, pool_scales=(1, 2, 3, 6)):
+        super().__init__()
+        self.ppm = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(s), conv_bn_relu(in_dim, channels, 1))
+                                 for s in pool_scales)
+        self.bottleneck = conv_bn_relu(in_dim + len(pool_scales) * channels, channels, 3)
+        self.lateral = nn.ModuleList(conv_bn_relu(in_dim, channels, 1) for _ in range(3))
+        self.fpn = nn.ModuleList(conv_bn_relu(channels, channels, 3) for _ in range(3))
+        self.fuse = conv_bn_relu(4 * channels, channels, 3)
+        self.dropout = nn.Dropout2d(0.1)
+        self.classifier = classifier(channels, num_classes)
+
+    def forward(self, feats):  # strides 4, 8, 16, 32 -> (B, K, H/4, W/4)
+        top = feats[3]
+        pooled = [_up(p(top), top.shape[-2:]) for p in self.ppm]
+        lat = [conv(f) for conv, f in zip(self.lateral, feats[:3])] + [self.bottleneck(torch.cat([top] + pooled, 1))]
+        for i in range(3, 0, -1):  # top-down: coarse context added to the finer map
+            lat[i - 1] = lat[i - 1] + _up(lat[i], lat[i - 1].shape[-2:])
+        outs = [conv(x) for conv, x in zip(self.fpn, lat[:3])] + [lat[3]]
+        outs = [outs[0]] + [_up(x, outs[0].shape[-2:]) for x in outs[1:]]
+        return self.classifier(self.dropout(self.fuse(torch.cat(outs, 1))))
+
+
+class FCNHead(nn.Module):
+    """Auxiliary head on the stride-16 map: 3x3 conv-BN-ReLU (256), dropout, 1x1."""
+
+    def __init__(self, in_dim, num_classes, channels=256):
+        super().__init__()
+        self.conv = conv_bn_relu(in_dim, channels, 3)
+        self.dropout = nn.Dropout2d(0.1)
+        self.classifier = classifier(channels, num_classes)
+
+    def forward(self, x):
+        return self.classifier(self.dropout(self.conv(x)))
+
+
+def multi_layers(depth):
+    """Blocks of the multi-layer pyramid and the linear probe: 4, 6, 8, 12 of 12
+    (1-based), scaled to other depths (8, 12, 16, 24 for ViT-L)."""
+    return tuple(depth * k // 12 for k in (4, 6, 8, 12))
+
+
+class Segmenter(nn.Module):
+    """A ViT backbone with one of the paper's segmentation heads.
+
+    mode 'finetune': pyramid + UperNet (+ FCN auxiliary head); `layers` picks
+        the blocks feeding the pyramid: (depth,)*4 is LL-FPN (default),
+        multi_layers(depth) the multi-layer baseline (4, 6, 8, 12 of 12).
+    mode 'linear': frozen backbone; blocks multi_layers(depth) (or `layers`),
+        resized to the first map's size and concatenated -> one 1x1 conv.
+    mode 'layer-linear': frozen backbone; one block (`layers`=(n,)) -> 1x1 conv.
+    forward returns (logits at stride 4 or 16, auxiliary logits or None).
+    The backbone's final `norm` is not used by any head and is frozen.
+    """
+
+    def __init__(self, backbone, num_classes, mode="finetune", layers=None, aux=True):
+        super().__init__()
+        self.backbone, self.mode, self.num_classes = backbone, mode, num_classes
+        depth, dim = len(backbone.blocks), backbone.dim
+        if mode == "finetune":
+            self.layers = tuple(layers or (depth,) * 4)
+            assert len(self.layers) == 4, "the pyramid takes 4 maps"
+            self.pyramid = LLFPN(dim)
+            self.head = UperHead(dim, dim, num_classes)
+            self.aux_head = FCNHead(dim, num_classes) if aux else None
+        elif mode in ("linear", "layer-linear"):
+            default = multi_layers(depth) if mode == "linear" else (depth,)
+            self.layers = tuple(layers or default)
+            if mode == "layer-linear" and len(self.layers) != 1:
+                raise ValueError("layer-linear probing takes exactly one layer")
+            self.head = classifier(dim * len(self.layers), num_classes)
+            self.aux_head = None
+            backbone.requires_grad_(False)
+        else:
+            raise ValueError(f"mode must be finetune, linear or layer-linear, got {mode!r}")
+        backbone._check_layers(self.layers)
+        backbone.norm.requires_grad_(False)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.mode != "finetune":
+            self.backbone.eval()  # frozen backbone: no stochastic depth
+        return self
+
+    def forward(self, x):
+        uniq = sorted(set(self.layers))
+        # On a CPU the heads run in channels-last (NHWC) memory: oneDNN's bf16 convolutions and the bilinear
+        # upsampling are 1.5-5x faster so (fp32: no change). On a GPU (H200, bench.py) it gained nothing.
+        layout = torch.channels_last if x.device.type == "cpu" else torch.contiguous_format
+        maps = {i: f.contiguous(memory_format=layout) for i, f in zip(uniq, self.backbone.features(x, uniq))}
+        feats = [maps[i] for i in self.layers]
+        if self.mode == "finetune":
+            pyr = self.pyramid(feats)
+            aux = self.aux_head(pyr[2]) if (self.aux_head is not None and self.training) else None
+            return self.head(pyr), aux
+        feats = [feats[0]] + [_up(f, feats[0].shape[-2:]) for f in feats[1:]]
+        return self.head(torch.cat(feats, 1)), None
+
+
+def layer_decay_groups(model, weight_decay=0.05, layer_decay=0.85):
+    """AdamW parameter groups with layer-wise lr decay (BEiT/MAE rule):
+    patch_embed, cls_token, pos_embed, register_tokens and norm_pre (CLIP's
+    LayerNorm before the first block) -> id 0; block i (0-based)
+    -> i + 1; everything else (pyramid, heads) -> depth + 1. lr scale =
+    decay^(depth+1-id). No weight decay on biases, 1-D parameters, pos_embed,
+    cls_token and register_tokens (learned tokens like CLS: DINOv2 and timm
+    put them with the embeddings).
+    Each group carries 'lr_scale'; multiply it into the lr at every step."""
+    depth = len(model.backbone.blocks)
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith(("backbone.patch_embed", "backbone.cls_token", "backbone.pos_embed",
+                            "backbone.register_tokens", "backbone.norm_pre")):
+            lid = 0
+        elif name.startswith("backbone.blocks."):
+            lid = int(name.split(".")[2]) + 1
+        else:
+            lid = depth + 1
+        no_wd = p.ndim == 1 or name.endswith(".bias") or name.endswith(("pos_embed", "cls_token", "register_tokens"))
+        key = (lid, no_wd)
+        if key not in groups:
+            groups[key] = {"params": [], "names": [], "weight_decay": 0.0 if no_wd else weight_decay,
+                           "lr_scale": layer_decay ** (depth + 1 - lid), "layer_id": lid}
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+# -----------------------------------------------------------------------------
+# 7. size presets (MLP ratio 4, LayerNorm eps 1e-6, qkv bias; patch 16, DINOv2 patch 14)
+
+
+def vit_tiny(img_size=224, drop_path=0.0, last_heads=None, **kw):
+    return ViT(img_size, dim=192, depth=12, heads=3, last_heads=last_heads, drop_path=drop_path, **kw)
+
+
+def vit_small(img_size=224, drop_path=0.0, last_heads=None, **kw):
+    return ViT(img_size, dim=384, depth=12, heads=6, last_heads=last_heads, drop_path=drop_path, **kw)
+
+
+def vit_base(img_size=224, drop_path=0.0, last_heads=None, **kw):
+    return ViT(img_size, dim=768, depth=12, heads=12, last_heads=last_heads, drop_path=drop_path, **kw)
+
+
+def vit_large(img_size=224, drop_path=0.0, last_heads=None, **kw):
+    return ViT(img_size, dim=1024, depth=24, heads=16, last_heads=last_heads, drop_path=drop_path, **kw)
+
+
+def vit_micro(img_size=224, drop_path=0.0, last_heads=None, **kw):
+    """Not from the paper: a student small enough to pre-train and fine-tune on a CPU (demo.py)."""
+    return ViT(img_size, dim=96, depth=6, heads=3, last_heads=last_heads, drop_path=drop_path, **kw)
+
+
+def _dinov2(dim, depth, heads, num_registers):
+    """DINOv2 (Oquab et al. 2023): patch 14, layer scale (init 1e-5; the checkpoint's values are loaded, and
+    required), learned pos_embed; '_reg4' models add 4 register tokens (Darcet et al. 2024). The position
+    table is DINOv2's, 37x37 (518 px, the hub's img_size), whatever `img_size`: as in DINOv2 it is resampled
+    at every forward to the input's grid, with the interpolation of the official models ('dinov2': offset
+    0.1; '_reg4': by size, antialiased). `img_size` is accepted for the presets' common signature only."""
+
+    def preset(img_size=224, drop_path=0.0, last_heads=None, **kw):
+        kw["layer_scale"] = kw.get("layer_scale") or 1e-5  # never off: the weights need it
+        return ViT(518, patch_size=14, dim=dim, depth=depth, heads=heads, last_heads=last_heads,
+                   drop_path=drop_path, num_registers=num_registers, pretrained_layer_scale=True,
+                   pos_interp="dinov2_reg4" if num_registers else "dinov2", **kw)
+
+    return preset
+
+
+dinov2_vits14, dinov2_vitb14, dinov2_vitl14 = _dinov2(384, 12, 6, 0), _dinov2(768, 12, 12, 0), _dinov2(1024, 24, 16, 0)
+
+
+dinov2_vits14_reg4, dinov2_vitb14_reg4, dinov2_vitl14_reg4 = (_dinov2(384, 12, 6, 4), _dinov2(768, 12, 12, 4),
+                                                              _dinov2(1024, 24, 16, 4))
+
+
+def clip_vitb16(img_size=224, drop_path=0.0, last_heads=None, **kw):
+    """CLIP ViT-B/16's image tower (Radford et al. 2021): QuickGELU, LayerNorm eps 1e-5, a LayerNorm before the first
+    block (`norm_pre`), no patch-projection bias, learned pos_embed (the checkpoint's; its CLS row is not zero).
+    `norm` holds CLIP's post-LayerNorm, which CLIP applies to CLS only; forward here applies it to every token (no
+    segmentation head uses it). Loads Hugging Face, OpenAI / open_clip and timm checkpoints."""
+    return ViT(img_size, dim=768, depth=12, heads=12, last_heads=last_heads, drop_path=drop_path,
+               act=quick_gelu, norm_eps=1e-5, pre_norm=True, patch_bias=False, **kw)
+
+
+PRESETS = {"vit_micro": vit_micro, "vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base,
+           "vit_large": vit_large,
+           "dinov2_vits14": dinov2_vits14, "dinov2_vitb14": dinov2_vitb14, "dinov2_vitl14": dinov2_vitl14,
+           "dinov2_vits14_reg4": dinov2_vits14_reg4, "dinov2_vitb14_reg4": dinov2_vitb14_reg4,
+           "dinov2_vitl14_reg4": dinov2_vitl14_reg4, "clip_vitb16": clip_vitb16}
+
+
+# =============================================================================
+# What a copier needs around the method: loading and saving, precision, inference. A reader
+# learning UNIP can stop above this line.
+# =============================================================================
+
+
+# -----------------------------------------------------------------------------
+# 8. checkpoints
+
+
 # Formats read: MAE {'model'}, DINO raw, DINO/iBOT full checkpoints
 # ({'teacher', 'student', ...}, 'module.'/'backbone.' prefixes), iBOT
 # {'state_dict'}, DeiT/timm ({'model'} or raw, 'dist_token'), the released UNIP
@@ -850,180 +1075,118 @@ def load_pretrained(model, source, upto_layer=None, verbose=True):
     return report
 
 
-# -----------------------------------------------------------------------------
-# 7. segmentation: LL-FPN + UperNet (UNIP §3.3), linear probes, evaluation
+def load_segmenter(source, device="cpu"):
+    """A train_seg.py checkpoint (path or loaded dict) -> a ready Segmenter in
+    eval mode, with what inference needs as attributes: classes (names),
+    palette (an RGB triple per class), crop and stride (the sliding window),
+    short_side (images are resized to it first) and config (the run's
+    train_seg.py settings). Input: grey frames normalised as in training:
 
-
-# Initialisation as mmseg's (0.11) heads: conv-BN-ReLU convs kaiming-normal (fan_out, relu), BN 1/0,
-# classifier convs N(0, 0.01) with zero bias, so that the first logits are small and near-uniform.
-
-
-def conv_bn_relu(cin, cout, k):
-    conv = nn.Conv2d(cin, cout, k, padding=k // 2, bias=False)
-    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-    return nn.Sequential(conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-
-
-def classifier(cin, num_classes):  # the 1x1 conv that gives the logits
-    conv = nn.Conv2d(cin, num_classes, 1)
-    nn.init.normal_(conv.weight, std=0.01)
-    nn.init.zeros_(conv.bias)
-    return conv
-
-
-class LLFPN(nn.Module):
-    """Simple feature pyramid: four stride-16 maps -> strides 4, 8, 16, 32.
-    LL-FPN feeds the last block's output to all four; the multi-layer
-    baseline feeds blocks 4, 6, 8, 12."""
-
-    def __init__(self, dim):
-        super().__init__()
-        self.fpn1 = nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, stride=2), nn.BatchNorm2d(dim), nn.GELU(),
-                                  nn.ConvTranspose2d(dim, dim, 2, stride=2))
-        self.fpn2 = nn.ConvTranspose2d(dim, dim, 2, stride=2)
-        self.fpn3 = nn.Identity()
-        self.fpn4 = nn.MaxPool2d(2, stride=2)
-
-    def forward(self, feats):  # 4 x (B, D, h, w) -> (B, D, 4h, 4w), (B, D, 2h, 2w), (B, D, h, w), (B, D, h/2, w/2)
-        return [op(f) for op, f in zip((self.fpn1, self.fpn2, self.fpn3, self.fpn4), feats)]
-
-
-def _up(x, size):
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-
-
-class UperHead(nn.Module):
-    """UperNet (Xiao et al. 2018) as in mmseg's UPerHead: pyramid pooling on
-    the coarsest map, laterals + top-down path, 3x3 FPN convs, fusion at the
-    finest stride, Dropout2d 0.1, 1x1 classifier."""
-
-    def __init__(self, in_dim, channels, num_classes, pool_scales=(1, 2, 3, 6)):
-        super().__init__()
-        self.ppm = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(s), conv_bn_relu(in_dim, channels, 1))
-                                 for s in pool_scales)
-        self.bottleneck = conv_bn_relu(in_dim + len(pool_scales) * channels, channels, 3)
-        self.lateral = nn.ModuleList(conv_bn_relu(in_dim, channels, 1) for _ in range(3))
-        self.fpn = nn.ModuleList(conv_bn_relu(channels, channels, 3) for _ in range(3))
-        self.fuse = conv_bn_relu(4 * channels, channels, 3)
-        self.dropout = nn.Dropout2d(0.1)
-        self.classifier = classifier(channels, num_classes)
-
-    def forward(self, feats):  # strides 4, 8, 16, 32 -> (B, K, H/4, W/4)
-        top = feats[3]
-        pooled = [_up(p(top), top.shape[-2:]) for p in self.ppm]
-        lat = [conv(f) for conv, f in zip(self.lateral, feats[:3])] + [self.bottleneck(torch.cat([top] + pooled, 1))]
-        for i in range(3, 0, -1):  # top-down: coarse context added to the finer map
-            lat[i - 1] = lat[i - 1] + _up(lat[i], lat[i - 1].shape[-2:])
-        outs = [conv(x) for conv, x in zip(self.fpn, lat[:3])] + [lat[3]]
-        outs = [outs[0]] + [_up(x, outs[0].shape[-2:]) for x in outs[1:]]
-        return self.classifier(self.dropout(self.fuse(torch.cat(outs, 1))))
-
-
-class FCNHead(nn.Module):
-    """Auxiliary head on the stride-16 map: 3x3 conv-BN-ReLU (256), dropout, 1x1."""
-
-    def __init__(self, in_dim, num_classes, channels=256):
-        super().__init__()
-        self.conv = conv_bn_relu(in_dim, channels, 3)
-        self.dropout = nn.Dropout2d(0.1)
-        self.classifier = classifier(channels, num_classes)
-
-    def forward(self, x):
-        return self.classifier(self.dropout(self.conv(x)))
-
-
-def multi_layers(depth):
-    """Blocks of the multi-layer pyramid and the linear probe: 4, 6, 8, 12 of 12
-    (1-based), scaled to other depths (8, 12, 16, 24 for ViT-L)."""
-    return tuple(depth * k // 12 for k in (4, 6, 8, 12))
-
-
-class Segmenter(nn.Module):
-    """A ViT backbone with one of the paper's segmentation heads.
-
-    mode 'finetune': pyramid + UperNet (+ FCN auxiliary head); `layers` picks
-        the blocks feeding the pyramid: (depth,)*4 is LL-FPN (default),
-        multi_layers(depth) the multi-layer baseline (4, 6, 8, 12 of 12).
-    mode 'linear': frozen backbone; blocks multi_layers(depth) (or `layers`),
-        resized to the first map's size and concatenated -> one 1x1 conv.
-    mode 'layer-linear': frozen backbone; one block (`layers`=(n,)) -> 1x1 conv.
-    forward returns (logits at stride 4 or 16, auxiliary logits or None).
-    The backbone's final `norm` is not used by any head and is frozen.
+        seg = unip.load_segmenter("runs/seg/best.pt")
+        x, _ = data.SegEvalTransform(seg.short_side)(data.load_grey("frame.png"), None)   # (3, h, w)
+        logits = unip.slide_inference(seg, x[None], seg.num_classes, seg.crop, seg.stride)  # (1, K, h, w)
     """
+    from_file = isinstance(source, (str, bytes)) or hasattr(source, "__fspath__")
+    name = str(source) if from_file else "<checkpoint>"
+    ck = load_checkpoint(source) if from_file else source
+    arch = ck.get("segmenter") if isinstance(ck, dict) else None
+    if arch is None:
+        raise ValueError(f"{name} has no 'segmenter' entry: it is not a checkpoint of train_seg.py "
+                         "(a pre-trained backbone loads with load_pretrained)")
+    if arch["model"] not in PRESETS:
+        raise ValueError(f"{name}: backbone {arch['model']!r} is not one of this unip.py's presets {sorted(PRESETS)}")
+    # the backbone at the training crop, so pos_embed has the saved grid; drop path is off in eval mode anyway
+    backbone = PRESETS[arch["model"]](img_size=arch["img_size"], last_heads=arch["last_heads"],
+                                      layer_scale=arch["layer_scale"])
+    seg = Segmenter(backbone, arch["num_classes"], arch["mode"], arch["layers"], aux=arch["aux"])
+    seg.load_state_dict(ck["model"])
+    seg.classes, seg.palette = list(arch["classes"]), [tuple(c) for c in arch["palette"]]
+    seg.crop, seg.stride, seg.short_side = arch["crop"], arch["stride"], arch["short_side"]
+    seg.config = ck.get("config", {})
+    return seg.to(device).eval()
 
-    def __init__(self, backbone, num_classes, mode="finetune", layers=None, aux=True):
+
+# -----------------------------------------------------------------------------
+# 9. training helpers: precision, attention kernels, the module DDP wraps
+
+
+def cpu_bf16_units():
+    """This CPU's native bf16 matrix instructions, 'AMX-BF16' or 'AVX512-BF16', or None.
+    torch.cpu's checks are private: missing or failing counts as None, so the default stays fp32."""
+    for name, check in (("AMX-BF16", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported")):
+        try:
+            if getattr(torch.cpu, check)():
+                return name
+        except Exception:
+            pass
+    return None
+
+
+def resolve_amp(amp, device):
+    """--amp -> (autocast precision 'bf16' | 'fp16' | 'none', why, for the banner).
+    auto: bf16 on CUDA; on a CPU bf16 only where it has bf16 matrix units (there a pre-training step is
+    ~2.5x faster than fp32; without them bf16 is emulated and slower than fp32); none elsewhere."""
+    device = torch.device(device)
+    if amp == "auto" and os.environ.get("UNIP_AMP", "auto") != "auto":
+        amp, why = os.environ["UNIP_AMP"], "UNIP_AMP"
+    elif amp == "auto":
+        units = cpu_bf16_units() if device.type == "cpu" else None
+        amp = "bf16" if device.type == "cuda" or units else "none"
+        why = f"auto: CPU has {units}" if units else \
+            "auto: CPU without bf16 matrix units" if device.type == "cpu" else f"auto: {device.type}"
+    else:
+        why = "--amp"
+    if amp not in ("bf16", "fp16", "none"):
+        raise ValueError(f"amp must be auto, bf16, fp16 or none, got {amp!r} ({why})")
+    return amp, why
+
+
+def autocast_weights_(model, dtype, keep=()):
+    """Store a frozen model's linear and convolution layers in `dtype`, except the modules in `keep`.
+    Autocast to `dtype` rounds their weights so at every call anyway: under it the results are the same, bit
+    for bit, without the per-step copies (a frozen ViT-B teacher's bf16 forward: ~4% faster on a CPU), and the
+    weights take half the memory. Only for a model that always runs under that autocast."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and not any(m is k for k in keep):
+            m.to(dtype)
+    return model
+
+
+def sdpa_for_training(device, amp):
+    """Whether a model trained on `device` in precision `amp` should run SDPA (Attention.fused): yes, but
+    on a CPU in bf16, where SDPA's backward kernel is slow and the explicit softmax(q·kᵀ)·v trains ~2x
+    faster at N = 197..577 (224-384 px; at N = 1025, 512 px, they are level). In fp32, and without
+    gradients (a frozen teacher, evaluation), SDPA is as fast or faster."""
+    return not (torch.device(device).type == "cpu" and amp == "bf16")
+
+
+def set_fused_attention(model, fused=True):
+    """Switch every Attention of `model` between SDPA (True) and the explicit product (False)."""
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.fused = fused
+    return model
+
+
+class AttentionLogits(nn.Module):
+    """The module DDP and torch.compile see: a ViT's logits at one layer (B, H, N, N), the input first passed
+    through `prep` (other input statistics for a teacher, or None) and resized to the teacher's view `size`
+    when the teacher's patch size differs from the student's."""
+
+    def __init__(self, vit, layer, size=None, prep=None):
         super().__init__()
-        self.backbone, self.mode, self.num_classes = backbone, mode, num_classes
-        depth, dim = len(backbone.blocks), backbone.dim
-        if mode == "finetune":
-            self.layers = tuple(layers or (depth,) * 4)
-            assert len(self.layers) == 4, "the pyramid takes 4 maps"
-            self.pyramid = LLFPN(dim)
-            self.head = UperHead(dim, dim, num_classes)
-            self.aux_head = FCNHead(dim, num_classes) if aux else None
-        elif mode in ("linear", "layer-linear"):
-            default = multi_layers(depth) if mode == "linear" else (depth,)
-            self.layers = tuple(layers or default)
-            if mode == "layer-linear" and len(self.layers) != 1:
-                raise ValueError("layer-linear probing takes exactly one layer")
-            self.head = classifier(dim * len(self.layers), num_classes)
-            self.aux_head = None
-            backbone.requires_grad_(False)
-        else:
-            raise ValueError(f"mode must be finetune, linear or layer-linear, got {mode!r}")
-        backbone._check_layers(self.layers)
-        backbone.norm.requires_grad_(False)
-
-    def train(self, mode=True):
-        super().train(mode)
-        if self.mode != "finetune":
-            self.backbone.eval()  # frozen backbone: no stochastic depth
-        return self
+        self.vit, self.layer, self.size, self.prep = vit, layer, size, prep
 
     def forward(self, x):
-        uniq = sorted(set(self.layers))
-        # On a CPU the heads run in channels-last (NHWC) memory: oneDNN's bf16 convolutions and the bilinear
-        # upsampling are 1.5-5x faster so (fp32: no change). On a GPU (H200, bench.py) it gained nothing.
-        layout = torch.channels_last if x.device.type == "cpu" else torch.contiguous_format
-        maps = {i: f.contiguous(memory_format=layout) for i, f in zip(uniq, self.backbone.features(x, uniq))}
-        feats = [maps[i] for i in self.layers]
-        if self.mode == "finetune":
-            pyr = self.pyramid(feats)
-            aux = self.aux_head(pyr[2]) if (self.aux_head is not None and self.training) else None
-            return self.head(pyr), aux
-        feats = [feats[0]] + [_up(f, feats[0].shape[-2:]) for f in feats[1:]]
-        return self.head(torch.cat(feats, 1)), None
+        if self.prep is not None:
+            x = self.prep(x)
+        if self.size is not None and x.shape[-1] != self.size:
+            x = resize_for(x, self.size)
+        return self.vit.attention_logits(x, self.layer)
 
 
-def layer_decay_groups(model, weight_decay=0.05, layer_decay=0.85):
-    """AdamW parameter groups with layer-wise lr decay (BEiT/MAE rule):
-    patch_embed, cls_token, pos_embed, register_tokens and norm_pre (CLIP's
-    LayerNorm before the first block) -> id 0; block i (0-based)
-    -> i + 1; everything else (pyramid, heads) -> depth + 1. lr scale =
-    decay^(depth+1-id). No weight decay on biases, 1-D parameters, pos_embed,
-    cls_token and register_tokens (learned tokens like CLS: DINOv2 and timm
-    put them with the embeddings).
-    Each group carries 'lr_scale'; multiply it into the lr at every step."""
-    depth = len(model.backbone.blocks)
-    groups = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if name.startswith(("backbone.patch_embed", "backbone.cls_token", "backbone.pos_embed",
-                            "backbone.register_tokens", "backbone.norm_pre")):
-            lid = 0
-        elif name.startswith("backbone.blocks."):
-            lid = int(name.split(".")[2]) + 1
-        else:
-            lid = depth + 1
-        no_wd = p.ndim == 1 or name.endswith(".bias") or name.endswith(("pos_embed", "cls_token", "register_tokens"))
-        key = (lid, no_wd)
-        if key not in groups:
-            groups[key] = {"params": [], "names": [], "weight_decay": 0.0 if no_wd else weight_decay,
-                           "lr_scale": layer_decay ** (depth + 1 - lid), "layer_id": lid}
-        groups[key]["params"].append(p)
-        groups[key]["names"].append(name)
-    return [groups[k] for k in sorted(groups)]
+# -----------------------------------------------------------------------------
+# 10. inference: sliding windows, mIoU
 
 
 @torch.no_grad()
@@ -1075,96 +1238,3 @@ def iou_from_confusion(conf):
 
 def mean_iou(conf):
     return torch.nanmean(iou_from_confusion(conf)).item()
-
-
-def load_segmenter(source, device="cpu"):
-    """A train_seg.py checkpoint (path or loaded dict) -> a ready Segmenter in
-    eval mode, with what inference needs as attributes: classes (names),
-    palette (an RGB triple per class), crop and stride (the sliding window),
-    short_side (images are resized to it first) and config (the run's
-    train_seg.py settings). Input: grey frames normalised as in training:
-
-        seg = unip.load_segmenter("runs/seg/best.pt")
-        x, _ = data.SegEvalTransform(seg.short_side)(data.load_grey("frame.png"), None)   # (3, h, w)
-        logits = unip.slide_inference(seg, x[None], seg.num_classes, seg.crop, seg.stride)  # (1, K, h, w)
-    """
-    from_file = isinstance(source, (str, bytes)) or hasattr(source, "__fspath__")
-    name = str(source) if from_file else "<checkpoint>"
-    ck = load_checkpoint(source) if from_file else source
-    arch = ck.get("segmenter") if isinstance(ck, dict) else None
-    if arch is None:
-        raise ValueError(f"{name} has no 'segmenter' entry: it is not a checkpoint of train_seg.py "
-                         "(a pre-trained backbone loads with load_pretrained)")
-    if arch["model"] not in PRESETS:
-        raise ValueError(f"{name}: backbone {arch['model']!r} is not one of this unip.py's presets {sorted(PRESETS)}")
-    # the backbone at the training crop, so pos_embed has the saved grid; drop path is off in eval mode anyway
-    backbone = PRESETS[arch["model"]](img_size=arch["img_size"], last_heads=arch["last_heads"],
-                                      layer_scale=arch["layer_scale"])
-    seg = Segmenter(backbone, arch["num_classes"], arch["mode"], arch["layers"], aux=arch["aux"])
-    seg.load_state_dict(ck["model"])
-    seg.classes, seg.palette = list(arch["classes"]), [tuple(c) for c in arch["palette"]]
-    seg.crop, seg.stride, seg.short_side = arch["crop"], arch["stride"], arch["short_side"]
-    seg.config = ck.get("config", {})
-    return seg.to(device).eval()
-
-
-# -----------------------------------------------------------------------------
-# 8. size presets (MLP ratio 4, LayerNorm eps 1e-6, qkv bias; patch 16, DINOv2 patch 14)
-
-
-def vit_tiny(img_size=224, drop_path=0.0, last_heads=None, **kw):
-    return ViT(img_size, dim=192, depth=12, heads=3, last_heads=last_heads, drop_path=drop_path, **kw)
-
-
-def vit_small(img_size=224, drop_path=0.0, last_heads=None, **kw):
-    return ViT(img_size, dim=384, depth=12, heads=6, last_heads=last_heads, drop_path=drop_path, **kw)
-
-
-def vit_base(img_size=224, drop_path=0.0, last_heads=None, **kw):
-    return ViT(img_size, dim=768, depth=12, heads=12, last_heads=last_heads, drop_path=drop_path, **kw)
-
-
-def vit_large(img_size=224, drop_path=0.0, last_heads=None, **kw):
-    return ViT(img_size, dim=1024, depth=24, heads=16, last_heads=last_heads, drop_path=drop_path, **kw)
-
-
-def vit_micro(img_size=224, drop_path=0.0, last_heads=None, **kw):
-    """Not from the paper: a student small enough to pre-train and fine-tune on a CPU (demo.py)."""
-    return ViT(img_size, dim=96, depth=6, heads=3, last_heads=last_heads, drop_path=drop_path, **kw)
-
-
-def _dinov2(dim, depth, heads, num_registers):
-    """DINOv2 (Oquab et al. 2023): patch 14, layer scale (init 1e-5; the checkpoint's values are loaded, and
-    required), learned pos_embed; '_reg4' models add 4 register tokens (Darcet et al. 2024). The position
-    table is DINOv2's, 37x37 (518 px, the hub's img_size), whatever `img_size`: as in DINOv2 it is resampled
-    at every forward to the input's grid, with the interpolation of the official models ('dinov2': offset
-    0.1; '_reg4': by size, antialiased). `img_size` is accepted for the presets' common signature only."""
-
-    def preset(img_size=224, drop_path=0.0, last_heads=None, **kw):
-        kw["layer_scale"] = kw.get("layer_scale") or 1e-5  # never off: the weights need it
-        return ViT(518, patch_size=14, dim=dim, depth=depth, heads=heads, last_heads=last_heads,
-                   drop_path=drop_path, num_registers=num_registers, pretrained_layer_scale=True,
-                   pos_interp="dinov2_reg4" if num_registers else "dinov2", **kw)
-
-    return preset
-
-
-dinov2_vits14, dinov2_vitb14, dinov2_vitl14 = _dinov2(384, 12, 6, 0), _dinov2(768, 12, 12, 0), _dinov2(1024, 24, 16, 0)
-dinov2_vits14_reg4, dinov2_vitb14_reg4, dinov2_vitl14_reg4 = (_dinov2(384, 12, 6, 4), _dinov2(768, 12, 12, 4),
-                                                              _dinov2(1024, 24, 16, 4))
-
-
-def clip_vitb16(img_size=224, drop_path=0.0, last_heads=None, **kw):
-    """CLIP ViT-B/16's image tower (Radford et al. 2021): QuickGELU, LayerNorm eps 1e-5, a LayerNorm before the first
-    block (`norm_pre`), no patch-projection bias, learned pos_embed (the checkpoint's; its CLS row is not zero).
-    `norm` holds CLIP's post-LayerNorm, which CLIP applies to CLS only; forward here applies it to every token (no
-    segmentation head uses it). Loads Hugging Face, OpenAI / open_clip and timm checkpoints."""
-    return ViT(img_size, dim=768, depth=12, heads=12, last_heads=last_heads, drop_path=drop_path,
-               act=quick_gelu, norm_eps=1e-5, pre_norm=True, patch_bias=False, **kw)
-
-
-PRESETS = {"vit_micro": vit_micro, "vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base,
-           "vit_large": vit_large,
-           "dinov2_vits14": dinov2_vits14, "dinov2_vitb14": dinov2_vitb14, "dinov2_vitl14": dinov2_vitl14,
-           "dinov2_vits14_reg4": dinov2_vits14_reg4, "dinov2_vitb14_reg4": dinov2_vitb14_reg4,
-           "dinov2_vitl14_reg4": dinov2_vitl14_reg4, "clip_vitb16": clip_vitb16}

@@ -1,0 +1,165 @@
+"""
+The plumbing the scripts share, one copy of each: the command line built from a config dataclass,
+the torchrun / device setup, the precision choice and its autocast, random-state save and restore,
+JSON-lines logging, and the one-line error exit. None of it is the method (that is unip.py).
+"""
+
+import argparse
+import dataclasses
+import inspect
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+import unip
+
+# -----------------------------------------------------------------------------
+# configuration: the command line is the dataclass
+
+
+def parse_config(config_cls, argv=None, doc=None, choices=None, recipe=None):
+    """A `config_cls` instance from the command line: one flag per field (`--batch-size` for
+    batch_size), the help text taken from the field's trailing comment. bool fields get --x / --no-x;
+    list fields repeat or take comma lists (--x a,b --x c); tuple fields take their values after one
+    flag (--thresholds 0.06 0.12). `choices` maps field names to allowed values. `recipe(cfg)` may
+    return other defaults that depend on the parsed values (train_seg.py's ViT-L recipe): the command
+    line is read again with them, so flags given explicitly still win."""
+    helps = dict(re.findall(r"^\s+(\w+):.*?#\s*(.+)$", inspect.getsource(config_cls), re.M))
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults, choices = config_cls(), choices or {}
+    for f in dataclasses.fields(config_cls):
+        d, flag = getattr(defaults, f.name), "--" + f.name.replace("_", "-")
+        shown = ",".join(map(str, d)) if isinstance(d, (list, tuple)) else repr(d)
+        h = f"{helps.get(f.name, '')} (default: {shown})"
+        if isinstance(d, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=d, help=h)
+        elif isinstance(d, list):
+            p.add_argument(flag, action="append", default=argparse.SUPPRESS, help=h)
+        elif isinstance(d, tuple):
+            p.add_argument(flag, nargs=len(d) or "*", type=type(d[0]) if d else int, default=d, help=h)
+        else:
+            p.add_argument(flag, type=type(d), default=d, choices=choices.get(f.name), help=h)
+
+    def read():
+        args = vars(p.parse_args(argv))
+        for f in dataclasses.fields(config_cls):
+            d = getattr(defaults, f.name)
+            if isinstance(d, list):
+                given = args.get(f.name) or d
+                args[f.name] = [s.strip() for item in given for s in str(item).split(",") if s.strip()]
+            elif isinstance(d, tuple):
+                args[f.name] = tuple(args[f.name])
+        return config_cls(**args)
+
+    cfg = read()
+    if recipe is not None and (extra := recipe(cfg)):
+        p.set_defaults(**extra)
+        cfg = read()
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# distributed setup: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; plain `python` runs one process
+
+
+@dataclass
+class Runtime:
+    ddp: bool  # launched by torchrun
+    rank: int
+    local_rank: int
+    world: int
+    device: torch.device
+    master: bool  # rank 0: prints, logs and saves
+
+    def print(self, *a, **k):
+        if self.master:
+            print(*a, **k)
+
+
+def setup_distributed(device="auto"):
+    """One process per GPU under torchrun (NCCL; gloo on CPUs), else one process on `device`
+    (auto: CUDA if there is one)."""
+    if "RANK" in os.environ:
+        use_cuda = torch.cuda.is_available() and device != "cpu"
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        rank, local_rank, world = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+        dev = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(dev)
+        return Runtime(True, rank, local_rank, world, dev, rank == 0)
+    dev = torch.device(device if device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    return Runtime(False, 0, 0, 1, dev, True)
+
+
+# -----------------------------------------------------------------------------
+# precision
+
+
+def precision(amp, device):
+    """--amp -> (precision 'bf16' | 'fp16' | 'none', why (for the banner), autocast(): a fresh autocast
+    context each call). On CUDA also turns on TF32 for the fp32 matmuls and convolutions."""
+    device = torch.device(device)
+    amp, why = unip.resolve_amp(amp, device)
+    dtype = torch.float16 if amp == "fp16" else torch.bfloat16
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return amp, why, lambda: torch.autocast(device.type, dtype, enabled=amp != "none")
+
+
+# -----------------------------------------------------------------------------
+# random state: one layout in every checkpoint, {"ranks": [{"torch": ..., "cuda": ...}, ...]}
+
+
+def rng_state(rt):
+    """Every process's random state (a collective call under DDP), so that a resume on the same number
+    of processes continues each stream."""
+    st = {"torch": torch.get_rng_state(),
+          "cuda": torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None}
+    states = [st] * rt.world
+    if rt.ddp:
+        states = [None] * rt.world
+        dist.all_gather_object(states, st)
+    return {"ranks": states}
+
+
+def restore_rng(rt, saved, seed, step):
+    """Continue this process's saved stream; on another process count, re-seed from (seed, rank, step).
+    Returns False when it had to re-seed. Also reads the layout of train_pretrain.py checkpoints written
+    before this module existed ({"torch": [per rank], "cuda": [per rank]})."""
+    if "ranks" in saved:
+        states = saved["ranks"]
+    else:
+        cuda = saved.get("cuda") or [None] * len(saved["torch"])
+        states = [{"torch": t, "cuda": c} for t, c in zip(saved["torch"], cuda)]
+    if len(states) == rt.world:
+        torch.set_rng_state(states[rt.rank]["torch"])
+        if states[rt.rank]["cuda"] is not None and rt.device.type == "cuda":
+            torch.cuda.set_rng_state(states[rt.rank]["cuda"], rt.device)
+        return True
+    torch.manual_seed(seed + rt.rank + 7919 * step)
+    return False
+
+
+# -----------------------------------------------------------------------------
+# logging and errors
+
+
+def log_row(folder, row, master=True):
+    """Append one JSON line to folder/log.jsonl (rank 0 only)."""
+    if master:
+        with open(os.path.join(folder, "log.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def run(main):
+    """Run a script's main(); a user error (missing file, damaged checkpoint, bad setting) ends with one
+    line 'error: ...' and exit status 1 instead of a traceback."""
+    try:
+        return main()
+    except unip.USER_ERRORS as e:
+        sys.exit(f"error: {e}")
