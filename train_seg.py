@@ -37,9 +37,6 @@ position); across machines or thread counts, float reductions may differ in the 
 CPU: on a machine whose cores are busy with other work, OpenMP threads spin-wait and a step can take several
 times longer; OMP_WAIT_POLICY=PASSIVE (or OMP_NUM_THREADS=1) avoids that.
 """
-import argparse
-import dataclasses
-import inspect
 import json
 import math
 import os
@@ -57,6 +54,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+import common
 import data
 import unip
 
@@ -120,20 +118,8 @@ class Config:
 
 
 def parse_config(argv=None) -> Config:
-    # CLI generated from the fields; help text = the trailing comment of each field
-    helps = dict(re.findall(r"^\s+(\w+):.*#\s*(.+)$", inspect.getsource(Config), re.M))
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Config):
-        flag, h = "--" + f.name.replace("_", "-"), f"{helps.get(f.name, '')} (default: {f.default})"
-        if f.type is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=h)
-        else:
-            p.add_argument(flag, type=type(f.default), default=f.default, help=h)
-    cfg = Config(**vars(p.parse_args(argv)))
-    if cfg.model == "vit_large":  # the ViT-L recipe as defaults: flags on the command line still win
-        p.set_defaults(**LARGE_RECIPE)
-        cfg = Config(**vars(p.parse_args(argv)))
-    return cfg
+    # --model vit_large: the reference's ViT-L recipe as defaults; flags on the command line still win
+    return common.parse_config(Config, argv, __doc__, recipe=lambda c: LARGE_RECIPE if c.model == "vit_large" else None)
 
 
 def poly_lr(step, base, iters, warmup, ratio=1e-6):
@@ -174,49 +160,32 @@ def seg_loss(logits, label, ignore_index=255):
     return F.cross_entropy(logits, label, ignore_index=ignore_index, reduction="none").mean()
 
 
-def main(argv=None):
-    # ------------------------------------------------------------------ config
-    cfg = parse_config(argv)
-    synthetic = cfg.dataset == "synthetic"
-    crop = cfg.crop or (128 if synthetic else 512)
-    finetune = cfg.mode == "finetune"
-    for name, value, allowed in [("mode", cfg.mode, ("finetune", "linear", "layer-linear")),
-                                 ("pyramid", cfg.pyramid, ("ll", "multi")), ("model", cfg.model, tuple(unip.PRESETS))]:
-        if value not in allowed:
-            raise SystemExit(f"--{name} {value!r}: choose one of {', '.join(allowed)}")
+# ----------------------------------------------------------------------------- data
 
-    # ------------------------------------------------------------------ distributed setup
-    ddp = "RANK" in os.environ
-    if ddp:
-        use_cuda = torch.cuda.is_available() and cfg.device != "cpu"
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        rank, local_rank, world = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
-        device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
-        if use_cuda:
-            torch.cuda.set_device(device)
-    else:
-        rank, local_rank, world = 0, 0, 1
-        device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    master = rank == 0
-    print0 = print if master else (lambda *a, **k: None)
-    print0(json.dumps(asdict(cfg), indent=1))
-    torch.manual_seed(cfg.seed + rank)  # drop_path and Dropout2d draw from here; saved in checkpoints
-    amp, amp_why = unip.resolve_amp(cfg.amp, device)
-    autocast = lambda: torch.autocast(device.type, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp),
-                                      enabled=amp != "none")
-    bs = cfg.batch_size or max(1, 8 // world)
-    if device.type == "cuda":  # fixed crop and window sizes: let cuDNN pick its kernels once; TF32 for fp32 matmuls
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-    # ------------------------------------------------------------------ data
+def parse_label_map(text):
+    """--label-map '255:1,7:2' -> a 256-entry table, identity elsewhere ('' -> None)."""
+    if not text:
+        return None
+    try:
+        pairs = [tuple(int(v) for v in pair.split(":")) for pair in text.split(",")]
+        label_map = np.arange(256)
+        for src, dst in pairs:
+            label_map[src] = dst
+    except (ValueError, IndexError):
+        raise SystemExit(f"--label-map {text!r}: expected 'raw:class,...' in 0..255, e.g. '255:1'")
+    return label_map
+
+
+def build_datasets(cfg, crop, say):
+    """(train_set, val_set) of --dataset: random crops for training, the short side resized for evaluation."""
     train_tf = data.SegTrainTransform(crop=crop, scale=(4 * crop, crop))  # (2048, 512) at crop 512
     eval_tf = data.SegEvalTransform(short_side=cfg.eval_size or crop)
     if cfg.dataset != "synthetic" and not os.path.isdir(cfg.data_root):
         raise SystemExit(f"--dataset {cfg.dataset}: data root {cfg.data_root!r} is not a folder (--data-root)")
     channel = data.parse_channel(cfg.channel)
     chan = {} if channel is None else dict(thermal_channel=channel)  # auto: the preset's own (mfnet images/: 3)
-    if synthetic:
+    if cfg.dataset == "synthetic":
         train_set = data.SyntheticThermal("train", num_images=cfg.train_images or None, transform=train_tf, seed=cfg.seed)
         val_set = data.SyntheticThermal("val", num_images=100, transform=eval_tf, seed=cfg.seed)
     elif cfg.dataset in data.SEG_PRESETS:
@@ -226,98 +195,259 @@ def main(argv=None):
         val_set = make(cfg.data_root, cfg.val_split or VAL_SPLITS[cfg.dataset], transform=eval_tf, seed=cfg.seed, **kw)
         if cfg.dataset == "scut":  # the two forms of SCUT-Seg labels; the wrong one turns classes into ignore
             form = {"ids": "raw Cityscapes ids, mapped to 0..9", "index": "class indices 0..9"}[train_set.label_form]
-            print0(f"SCUT-Seg labels: {form} ({'detected' if cfg.scut_labels == 'auto' else '--scut-labels'})")
+            say(f"SCUT-Seg labels: {form} ({'detected' if cfg.scut_labels == 'auto' else '--scut-labels'})")
     elif cfg.dataset == "folder":
         if not cfg.classes:
             raise SystemExit("--dataset folder needs --classes (names 'a,b,c' or a number)")
         classes = [str(k) for k in range(int(cfg.classes))] if cfg.classes.isdigit() else cfg.classes.split(",")
-        label_map = None
-        if cfg.label_map:  # '255:1,7:2' -> a 256-entry table, identity elsewhere
-            try:
-                pairs = [tuple(int(v) for v in pair.split(":")) for pair in cfg.label_map.split(",")]
-                label_map = np.arange(256)
-                for src, dst in pairs:
-                    label_map[src] = dst
-            except (ValueError, IndexError):
-                raise SystemExit(f"--label-map {cfg.label_map!r}: expected 'raw:class,...' in 0..255, e.g. '255:1'")
-        kw = dict(img_suffix=cfg.img_suffix, label_suffix=cfg.label_suffix, classes=classes, label_map=label_map,
-                  seed=cfg.seed, **chan)
+        kw = dict(img_suffix=cfg.img_suffix, label_suffix=cfg.label_suffix, classes=classes,
+                  label_map=parse_label_map(cfg.label_map), seed=cfg.seed, **chan)
         dirs = os.path.join(cfg.data_root, cfg.img_dir), os.path.join(cfg.data_root, cfg.label_dir)
         split = lambda s: os.path.join(cfg.data_root, s) if s else None
         train_set = data.SegFolder(*dirs, split(cfg.train_split), transform=train_tf, **kw)
         val_set = data.SegFolder(*dirs, split(cfg.val_split), transform=eval_tf, **kw)
     else:
         raise SystemExit(f"unknown --dataset {cfg.dataset!r}: synthetic | soda | mfnet | scut | folder")
-    K, class_names = train_set.num_classes, list(train_set.classes)
-    if not synthetic:  # image/label sizes from the file headers: a mismatch stops the run now, not at its item
-        found = {name: ds.size_mismatches() for name, ds in (("training", train_set), ("validation", val_set))}
-        messages = list(dict.fromkeys(m for pairs in found.values() for _, m in pairs))  # a pair in both sets: once
-        if messages and not cfg.skip_mismatched:
-            raise SystemExit(f"{len(messages)} image/label pairs differ in size (read from the file headers, before "
-                             f"training): {'; '.join(messages)}. Fix or remove them, or give --skip-mismatched to "
-                             "leave them out")
-        for name, pairs in found.items():
-            if pairs:
-                dataset = train_set if name == "training" else val_set
-                dataset.drop([i for i, _ in pairs])
-                if not len(dataset):
-                    raise SystemExit(f"--skip-mismatched: no {name} pairs are left")
-                print0(f"--skip-mismatched: left out {len(pairs)} {name} pairs whose sizes differ "
-                       f"({len(dataset)} left): {'; '.join(m for _, m in pairs)}")
-    if not synthetic:  # labels that cannot teach a class: say so now, not after the run
-        warning = check_labels(train_set.label_counts(), class_names, len(train_set))
-        if warning:
-            print0(warning)
-    preset_iters, preset_warmup = SCHEDULES.get(cfg.dataset, (100 * len(train_set) // 8, None))
+    return train_set, val_set
+
+
+def drop_mismatched_pairs(train_set, val_set, skip, say):
+    """Image/label sizes from the file headers: a mismatch stops the run now, not at its item; with --skip-mismatched
+    (`skip`) the pairs are left out of their set instead, and named."""
+    found = {name: ds.size_mismatches() for name, ds in (("training", train_set), ("validation", val_set))}
+    messages = list(dict.fromkeys(m for pairs in found.values() for _, m in pairs))  # a pair in both sets: once
+    if messages and not skip:
+        raise SystemExit(f"{len(messages)} image/label pairs differ in size (read from the file headers, before "
+                         f"training): {'; '.join(messages)}. Fix or remove them, or give --skip-mismatched to "
+                         "leave them out")
+    for name, pairs in found.items():
+        if pairs:
+            dataset = train_set if name == "training" else val_set
+            dataset.drop([i for i, _ in pairs])
+            if not len(dataset):
+                raise SystemExit(f"--skip-mismatched: no {name} pairs are left")
+            say(f"--skip-mismatched: left out {len(pairs)} {name} pairs whose sizes differ "
+                f"({len(dataset)} left): {'; '.join(m for _, m in pairs)}")
+
+
+def schedule(cfg, n_train):
+    """(iters, warmup, stop, eval_every): the dataset's preset unless flags say otherwise; a folder: 100 epochs."""
+    preset_iters, preset_warmup = SCHEDULES.get(cfg.dataset, (100 * n_train // 8, None))
     iters = cfg.iters or preset_iters
     warmup = cfg.warmup if cfg.warmup >= 0 else (preset_warmup if iters == preset_iters and preset_warmup else iters // 10)
     stop = min(cfg.steps or iters, iters)
     eval_every = cfg.eval_every if cfg.eval_every >= 0 else EVAL_EVERY.get(cfg.dataset, 2000)
-    # every rank draws its own part of each epoch; the list is re-made per epoch so a resumed run can skip into it
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    steps_per_epoch = len(sampler) // bs
-    if steps_per_epoch == 0:
-        raise SystemExit(f"{len(train_set)} training images cannot fill one batch of {bs} per process")
-    n_eval = min(cfg.eval_images or len(val_set), len(val_set))
+    return iters, warmup, stop, eval_every
 
-    # ------------------------------------------------------------------ model
-    ckpt = unip.load_checkpoint(cfg.init) if cfg.init else None
+
+def epoch_loader(train_set, sampler, epoch, skip, bs, workers, pin, seed):
+    """The batches of one epoch from its `skip`-th on: every rank draws its own part of the epoch, the list is
+    re-made per epoch, so a resumed run continues in the middle of one."""
+    train_set.set_epoch(epoch)
+    sampler.set_epoch(epoch)
+    idx = list(sampler)[skip * bs:]
+    return DataLoader(train_set, batch_size=bs, sampler=idx, num_workers=workers, drop_last=True, pin_memory=pin,
+                      generator=torch.Generator().manual_seed(seed))  # workers' seeds never touch the global RNG
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def build_backbone(cfg, crop, finetune, master):
+    """The backbone at img_size = crop with the --init weights, unip.load_pretrained's report printed (rank 0).
+    Drop path and layer scale only when fine-tuning; --keep-distilled-heads reads config['last_heads']."""
     last_heads = None
     if cfg.keep_distilled_heads:
+        ckpt = unip.load_checkpoint(cfg.init) if cfg.init else None
         last_heads = (ckpt or {}).get("config", {}).get("last_heads") if isinstance(ckpt, dict) else None
         if not last_heads:
             raise SystemExit("--keep-distilled-heads needs an --init checkpoint with config['last_heads'] "
                              "(train_pretrain.py writes it)")
     backbone = unip.PRESETS[cfg.model](img_size=crop, last_heads=last_heads, drop_path=cfg.drop_path if finetune else 0.0,
                                        drop_path_schedule="linear", layer_scale=cfg.layer_scale if finetune else 0.0)
-    if ckpt is not None:
+    if cfg.init:
         try:  # refuses, naming the keys, when a backbone weight is missing or has the wrong shape
-            rep = unip.load_pretrained(backbone, ckpt, verbose=False)
+            rep = unip.load_pretrained(backbone, cfg.init, verbose=master)
         except ValueError as e:
             raise SystemExit(f"--init {cfg.init}: {e}") from None
-        ignored = sorted({re.sub(r"\.\d+\..*|\..*", "", k) for k in rep["ignored"]})
         # only weights no head uses (final norm) or new at fine-tuning (layer scale) may be absent: kept at init
         absent = sorted({re.sub(r"blocks\.\d+\.", "blocks.N.", k) for k in set(backbone.state_dict()) - set(rep["loaded"])})
-        print0(f"init {cfg.init}: loaded {len(rep['loaded'])} tensors"
-               + (" (pos_embed {0}x{0} -> {1}x{1})".format(*rep["resampled"]) if rep["resampled"] else "")
-               + (f"; ignored {len(rep['ignored'])}: {', '.join(ignored)}" if ignored else "")
-               + (f"; kept at init: {', '.join(absent)}" if absent else ""))
-    del ckpt
-    depth = len(backbone.blocks)
+        if absent and master:
+            print(f"--init {cfg.init}: weights not in the checkpoint, kept at init: {', '.join(absent)}")
+    return backbone
+
+
+def resume_from(path, seg, opt, scaler, cfg, rt):
+    """Load a train_seg.py checkpoint into seg (and opt, scaler, this rank's RNG when it is a full ckpt.pt; best.pt
+    holds the model only). Returns (step, best mIoU, its step). A checkpoint of another architecture is refused,
+    naming the flags of the run that wrote it."""
+    ck = unip.load_checkpoint(path)
+    heads = seg.backbone.blocks[-1].attn.heads  # not visible in the weights' shapes: check it
+    if ck.get("last_heads", heads) != heads:
+        raise SystemExit(f"{path} has {ck['last_heads']} heads in the last block, this model {heads}: "
+                         "give the --init and --keep-distilled-heads of that run")
+    try:
+        seg.load_state_dict(ck["model"])
+    except RuntimeError as e:  # another architecture: name the settings of the run that wrote it
+        was = ck.get("config", {})
+        diff = [f"--{k.replace('_', '-')} {was[k]}" for k in ("model", "mode", "pyramid", "layer", "layer_scale",
+                "crop", "dataset", "classes", "aux_weight") if k in was and was[k] != getattr(cfg, k)]
+        raise SystemExit(f"{path} does not fit this model ({str(e).splitlines()[0].strip()[:120]} ...); "
+                         + (f"it was written with {', '.join(diff)}" if diff else "give the flags of its run")) from None
+    if "optimizer" in ck:
+        opt.load_state_dict(ck["optimizer"])
+        scaler.load_state_dict(ck["scaler"])
+        common.restore_rng(rt, ck["rng"], cfg.seed, ck["step"])  # same world size: each rank continues its stream
+    return ck["step"], ck.get("best_miou", -1.0), ck.get("best_step", -1)
+
+
+# ----------------------------------------------------------------------------- training and evaluation
+
+
+def train_step(model, opt, scaler, x, y, lr, aux_weight, autocast):
+    """One AdamW step at `lr` (times each group's layer-decay scale) on a batch; returns the loss (detached)."""
+    for g in opt.param_groups:
+        g["lr"] = lr * g["lr_scale"]
+    with autocast():
+        out, aux = model(x)  # (B, K, crop/4, crop/4) [linear: /16], aux (B, K, crop/16, crop/16) or None
+    loss = seg_loss(out, y) + (aux_weight * seg_loss(aux, y) if aux is not None else 0.0)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    return loss.detach()
+
+
+def synced_loss(loss_acc, rt, step, last_ckpt):
+    """Mean loss over ranks of loss_acc = [sum of losses, steps]; raises on a non-finite one, so that nothing is
+    saved from a diverged model (the last good checkpoint is named)."""
+    t = loss_acc.clone()
+    if rt.ddp:
+        dist.all_reduce(t)
+    v = (t[0] / t[1].clamp_min(1)).item()
+    if not math.isfinite(v):
+        raise FloatingPointError(f"non-finite loss at step {step}: {v}; last good checkpoint: {last_ckpt}")
+    return v
+
+
+@torch.no_grad()
+def evaluate(seg, val_set, n_eval, crop, stride, autocast, rt, workers=0, num_samples=4, seed=0):
+    """Sliding-window evaluation of this rank's share of the first n_eval images; confusion summed over
+    ranks. Returns the (K, K) confusion matrix and a few (index, prediction) pairs of rank 0."""
+    K, attns = seg.num_classes, [m for m in seg.modules() if isinstance(m, unip.Attention)]
+    training_fused = [m.fused for m in attns]
+    seg.eval()
+    unip.set_fused_attention(seg, True)  # no gradients: SDPA (unip.sdpa_for_training), whatever training uses
+    idx = list(range(n_eval))[rt.rank::rt.world]
+    loader = DataLoader(val_set, batch_size=1, sampler=idx, num_workers=workers,
+                        generator=torch.Generator().manual_seed(seed))
+    conf, samples = torch.zeros(K, K, dtype=torch.int64, device=rt.device), []
+    for i, (x, y) in zip(idx, tqdm(loader, desc="eval", leave=False, disable=not rt.master)):
+        x, y = x.to(rt.device), y.to(rt.device)  # (1, 3, h', w') resized, (1, H, W) original size
+        with autocast():
+            logits = unip.slide_inference(seg, x, K, crop, stride)  # (1, K, h', w')
+        pred = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False).argmax(1)
+        conf += unip.confusion_matrix(pred, y, K)
+        if len(samples) < num_samples:
+            samples.append((i, pred[0].cpu().numpy()))
+    if rt.ddp:
+        dist.all_reduce(conf)
+    for m, fused in zip(attns, training_fused):  # back to the training path
+        m.fused = fused
+    seg.train()
+    return conf.cpu(), samples
+
+
+def report(conf, samples, val_set, step, epoch, out, master):
+    """Print the per-class IoU table, log it, save image | label | prediction PNGs. Returns mIoU (%)."""
+    class_names = list(val_set.classes)
+    iou = unip.iou_from_confusion(conf) * 100
+    miou, acc = torch.nanmean(iou).item(), (conf.diag().sum() / conf.sum().clamp_min(1)).item() * 100
+    if master:
+        w = max(len(c) for c in class_names + ["mIoU"])
+        tqdm.write(f"step {step}: IoU per class (%)\n" + "\n".join(
+            f"  {c:<{w}} {v:6.2f}" for c, v in zip(class_names + ["mIoU", "pixel acc"], iou.tolist() + [miou, acc])))
+        common.log_row(out, {"step": step, "epoch": epoch, "miou": miou, "acc": acc,
+                             "iou": {c: (None if math.isnan(v) else v) for c, v in zip(class_names, iou.tolist())}})
+        for i, pred in samples:
+            img, label = val_set.load(i)  # (H, W) uint8, (H, W) int64 at the original size
+            panels = [np.repeat(img[..., None], 3, 2), data.colorize(label, val_set.palette),
+                      data.colorize(pred, val_set.palette)]
+            Image.fromarray(np.concatenate(panels, 1)).save(os.path.join(out, f"pred_{val_set.name(i)}.png"))
+    return miou
+
+
+def recipe_notes(cfg, crop, patch, finetune):
+    """The banner lines that say which parts of the recipe this run takes."""
+    notes = []
+    if finetune:
+        notes.append(f"fine-tuning: drop path {cfg.drop_path} | layer decay {cfg.layer_decay} | layer scale "
+                     + (f"{cfg.layer_scale:g} (trainable)" if cfg.layer_scale else "off"))
+    if crop % patch:
+        notes.append(f"crop {crop} is not a multiple of {cfg.model}'s patch {patch}: training crops are padded to "
+                     f"{crop + -crop % patch} (centred, zeros; label 255 there, ignored), and so are evaluation windows, "
+                     "as DINOv2's CenterPadding does, so that every pixel reaches the model")
+    if cfg.model == "vit_large":
+        notes.append("vit_large: the reference's MAE-L recipe unless a flag overrides it (drop path 0.2, layer decay "
+                     "0.65, pyramid from blocks 8/12/16/24, 2 images per GPU; 4 GPUs make its batch 8); its relative "
+                     "position bias is not built (README: how this differs from the authors' code)")
+    return notes
+
+
+def main(argv=None):
+    # ------------------------------------------------------------------ config
+    cfg = parse_config(argv)
+    crop = cfg.crop or (128 if cfg.dataset == "synthetic" else 512)
+    finetune = cfg.mode == "finetune"
+    for name, value, allowed in [("mode", cfg.mode, ("finetune", "linear", "layer-linear")),
+                                 ("pyramid", cfg.pyramid, ("ll", "multi")), ("model", cfg.model, tuple(unip.PRESETS))]:
+        if value not in allowed:
+            raise SystemExit(f"--{name} {value!r}: choose one of {', '.join(allowed)}")
+
+    # ------------------------------------------------------------------ distributed setup
+    rt = common.setup_distributed(cfg.device)
+    device, world = rt.device, rt.world
+    rt.print(json.dumps(asdict(cfg), indent=1))
+    torch.manual_seed(cfg.seed + rt.rank)  # drop_path and Dropout2d draw from here; saved in checkpoints
+    amp, amp_why, autocast = common.precision(cfg.amp, device)  # on CUDA also TF32 for fp32 matmuls
+    bs = cfg.batch_size or max(1, 8 // world)
+    if device.type == "cuda":  # fixed crop and window sizes: let cuDNN pick its kernels once
+        torch.backends.cudnn.benchmark = True
+
+    # ------------------------------------------------------------------ data
+    train_set, val_set = build_datasets(cfg, crop, rt.print)
+    K, class_names = train_set.num_classes, list(train_set.classes)
+    if cfg.dataset != "synthetic":  # pairs of different sizes, labels that cannot teach a class: say so now
+        drop_mismatched_pairs(train_set, val_set, cfg.skip_mismatched, rt.print)
+        warning = check_labels(train_set.label_counts(), class_names, len(train_set))
+        if warning:
+            rt.print(warning)
+    iters, warmup, stop, eval_every = schedule(cfg, len(train_set))
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rt.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    steps_per_epoch = len(sampler) // bs
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{len(train_set)} training images cannot fill one batch of {bs} per process")
+    n_eval = min(cfg.eval_images or len(val_set), len(val_set))
+
+    # ------------------------------------------------------------------ model
+    backbone = build_backbone(cfg, crop, finetune, rt.master)
+    depth, patch = len(backbone.blocks), backbone.patch_size
     multi = unip.multi_layers(depth)  # 4/6/8/12 of 12 blocks; 8/12/16/24 for ViT-L
     layers = {"finetune": multi if cfg.pyramid == "multi" else None, "linear": multi,
               "layer-linear": (cfg.layer or depth,)}[cfg.mode]
     seg = unip.Segmenter(backbone, K, cfg.mode, layers, aux=finetune and cfg.aux_weight > 0)
     backbone.pos_embed.requires_grad_(finetune)  # fine-tuning learns pos_embed, like the reference
+    # a backbone that trains takes the attention path that trains fastest here; a frozen one (linear probes) SDPA
+    unip.set_fused_attention(backbone, unip.sdpa_for_training(device, amp) if finetune else True)
     stride = cfg.eval_stride or crop * 2 // 3
     # what unip.load_segmenter needs to rebuild this model for inference (predict.py), stored in every checkpoint
     arch = dict(model=cfg.model, img_size=crop, last_heads=backbone.blocks[-1].attn.heads,
                 layer_scale=cfg.layer_scale if finetune else 0.0, num_classes=K, mode=cfg.mode, layers=list(seg.layers),
                 aux=seg.aux_head is not None, classes=class_names, palette=[list(c) for c in train_set.palette],
                 crop=crop, stride=stride, short_side=cfg.eval_size or crop)
-    if ddp and device.type == "cuda":
+    if rt.ddp and device.type == "cuda":
         seg = nn.SyncBatchNorm.convert_sync_batchnorm(seg)  # batch 8 over GPUs: BN statistics over all of it
-        print0(f"BatchNorm -> SyncBatchNorm over {world} process{'es' if world > 1 else ' (plain BatchNorm)'}")
+        rt.print(f"BatchNorm -> SyncBatchNorm over {world} process{'es' if world > 1 else ' (plain BatchNorm)'}")
     seg.to(device)
 
     # ------------------------------------------------------------------ optimiser and schedule
@@ -328,185 +458,84 @@ def main(argv=None):
 
     # ------------------------------------------------------------------ compile, DDP
     model = torch.compile(seg) if cfg.compile else seg
-    if ddp:
-        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    if rt.ddp:
+        model = DDP(model, device_ids=[rt.local_rank] if device.type == "cuda" else None)
 
     # ------------------------------------------------------------------ resume
     step, best, best_step, last_ckpt = 0, -1.0, -1, None
     resume = os.path.join(cfg.out, "ckpt.pt") if cfg.resume == "auto" else cfg.resume
     if resume and not (cfg.resume == "auto" and not os.path.exists(resume)):
-        ck = unip.load_checkpoint(resume)
-        heads = backbone.blocks[-1].attn.heads  # not visible in the weights' shapes: check it
-        if ck.get("last_heads", heads) != heads:
-            raise SystemExit(f"{resume} has {ck['last_heads']} heads in the last block, this model {heads}: "
-                             "give the --init and --keep-distilled-heads of that run")
-        try:
-            seg.load_state_dict(ck["model"])
-        except RuntimeError as e:  # another architecture: name the settings of the run that wrote it
-            was = ck.get("config", {})
-            diff = [f"--{k.replace('_', '-')} {was[k]}" for k in ("model", "mode", "pyramid", "layer", "layer_scale",
-                    "crop", "dataset", "classes", "aux_weight") if k in was and was[k] != getattr(cfg, k)]
-            raise SystemExit(f"{resume} does not fit this model ({str(e).splitlines()[0].strip()[:120]} ...); "
-                             + (f"it was written with {', '.join(diff)}" if diff else "give the flags of its run")) from None
-        if "optimizer" in ck:  # best.pt holds the model only
-            opt.load_state_dict(ck["optimizer"])
-            scaler.load_state_dict(ck["scaler"])
-            states = ck["rng"]["ranks"]
-            if len(states) == world:  # same world size: each rank continues its own stream
-                torch.set_rng_state(states[rank]["torch"])
-                if states[rank]["cuda"] is not None and device.type == "cuda":
-                    torch.cuda.set_rng_state(states[rank]["cuda"], device)
-            else:
-                torch.manual_seed(cfg.seed + rank + 7919 * ck["step"])
-        step, best, best_step = ck["step"], ck.get("best_miou", -1.0), ck.get("best_step", -1)
+        step, best, best_step = resume_from(resume, seg, opt, scaler, cfg, rt)
         last_ckpt = resume
-        print0(f"resumed from {resume} at step {step}")
+        rt.print(f"resumed from {resume} at step {step}")
     elif cfg.eval_only:
         raise SystemExit("--eval-only needs --resume PATH (a train_seg.py checkpoint)")
 
     os.makedirs(cfg.out, exist_ok=True)
     n_train = sum(p.numel() for p in seg.parameters() if p.requires_grad)
-    print0(f"world {world} | device {device} | amp {amp} ({amp_why}) | torch {torch.__version__} | batch {bs} x {world} = "
-           f"{bs * world} | lr {cfg.lr:g} | iters {iters} (warm-up {warmup}) | crop {crop} | {cfg.model} "
-           f"({depth} blocks, last block {backbone.blocks[-1].attn.heads} heads) | {cfg.mode} on blocks {seg.layers} | "
-           f"{n_train / 1e6:.2f}M trainable | {len(train_set)} train / {n_eval} val images, {K} classes | "
-           + (f"evaluation every {eval_every} steps and at the end" if eval_every else "evaluation at the end"))
-    if finetune:
-        print0(f"fine-tuning: drop path {cfg.drop_path} | layer decay {cfg.layer_decay} | layer scale "
-               + (f"{cfg.layer_scale:g} (trainable)" if cfg.layer_scale else "off"))
-    patch = backbone.patch_size
-    if crop % patch:
-        print0(f"crop {crop} is not a multiple of {cfg.model}'s patch {patch}: training crops are padded to "
-               f"{crop + -crop % patch} (centred, zeros; label 255 there, ignored), and so are evaluation windows, as "
-               "DINOv2's CenterPadding does, so that every pixel reaches the model")
-    if cfg.model == "vit_large":
-        print0("vit_large: the reference's MAE-L recipe unless a flag overrides it (drop path 0.2, layer decay 0.65, "
-               "pyramid from blocks 8/12/16/24, 2 images per GPU; 4 GPUs make its batch 8); its relative position "
-               "bias is not built (README: how this differs from the authors' code)")
+    rt.print(f"world {world} | device {device} | amp {amp} ({amp_why}) | torch {torch.__version__} | batch {bs} x "
+             f"{world} = {bs * world} | lr {cfg.lr:g} | iters {iters} (warm-up {warmup}) | crop {crop} | {cfg.model} "
+             f"({depth} blocks, last block {backbone.blocks[-1].attn.heads} heads) | {cfg.mode} on blocks {seg.layers} | "
+             f"{n_train / 1e6:.2f}M trainable | {len(train_set)} train / {n_eval} val images, {K} classes | "
+             + (f"evaluation every {eval_every} steps and at the end" if eval_every else "evaluation at the end"))
+    for note in recipe_notes(cfg, crop, patch, finetune):
+        rt.print(note)
 
-    def log(row):
-        if master:
-            with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    loader_gen = lambda: torch.Generator().manual_seed(cfg.seed)  # workers' seeds never touch the global RNG
-
-    def save(path, full=True):
-        # every rank's RNG state, so that each continues its own stream on resume (a collective call)
-        st = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-        states = [st] * world
-        if ddp:
-            dist.all_gather_object(states, st)
+    def save(path, full=True):  # a collective call when full (every rank's RNG state)
         obj = {"model": seg.state_dict(), "step": step, "epoch": step // steps_per_epoch, "config": asdict(cfg),
                "classes": class_names, "best_miou": best, "best_step": best_step,
                "last_heads": backbone.blocks[-1].attn.heads, "segmenter": arch}
         if full:
-            obj.update(optimizer=opt.state_dict(), scaler=scaler.state_dict(), rng={**st, "ranks": states})
-        if master:
+            obj.update(optimizer=opt.state_dict(), scaler=scaler.state_dict(), rng=common.rng_state(rt))
+        if rt.master:
             unip.save_checkpoint(obj, path)
 
-    @torch.no_grad()
-    def evaluate():
-        """Sliding-window evaluation of this rank's share of the first n_eval images; confusion summed over
-        ranks. Returns the (K, K) confusion matrix and a few (index, prediction) pairs of rank 0."""
-        seg.eval()
-        idx = list(range(n_eval))[rank::world]
-        loader = DataLoader(val_set, batch_size=1, sampler=idx, num_workers=cfg.workers, generator=loader_gen())
-        conf, samples = torch.zeros(K, K, dtype=torch.int64, device=device), []
-        for i, (x, y) in zip(idx, tqdm(loader, desc="eval", leave=False, disable=not master)):
-            x, y = x.to(device), y.to(device)  # (1, 3, h', w') resized, (1, H, W) original size
-            with autocast():
-                logits = unip.slide_inference(seg, x, K, crop, stride)  # (1, K, h', w')
-            pred = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False).argmax(1)
-            conf += unip.confusion_matrix(pred, y, K)
-            if len(samples) < cfg.num_samples:
-                samples.append((i, pred[0].cpu().numpy()))
-        if ddp:
-            dist.all_reduce(conf)
-        seg.train()
-        return conf.cpu(), samples
-
-    def report(conf, samples):
-        """Print the per-class IoU table, log it, save image | label | prediction PNGs. Returns mIoU (%)."""
-        iou = unip.iou_from_confusion(conf) * 100
-        miou, acc = torch.nanmean(iou).item(), (conf.diag().sum() / conf.sum().clamp_min(1)).item() * 100
-        if master:
-            w = max(len(c) for c in class_names + ["mIoU"])
-            tqdm.write(f"step {step}: IoU per class (%)\n" + "\n".join(
-                f"  {c:<{w}} {v:6.2f}" for c, v in zip(class_names + ["mIoU", "pixel acc"], iou.tolist() + [miou, acc])))
-            log({"step": step, "epoch": step // steps_per_epoch, "miou": miou, "acc": acc,
-                 "iou": {c: (None if math.isnan(v) else v) for c, v in zip(class_names, iou.tolist())}})
-            for i, pred in samples:
-                img, label = val_set.load(i)  # (H, W) uint8, (H, W) int64 at the original size
-                panels = [np.repeat(img[..., None], 3, 2), data.colorize(label, val_set.palette),
-                          data.colorize(pred, val_set.palette)]
-                Image.fromarray(np.concatenate(panels, 1)).save(os.path.join(cfg.out, f"pred_{val_set.name(i)}.png"))
-        return miou
+    def evaluate_and_report():  # -> mIoU (%)
+        conf, samples = evaluate(seg, val_set, n_eval, crop, stride, autocast, rt, cfg.workers, cfg.num_samples, cfg.seed)
+        return report(conf, samples, val_set, step, step // steps_per_epoch, cfg.out, rt.master)
 
     if cfg.eval_only:
-        report(*evaluate())
-        if ddp:
+        evaluate_and_report()
+        if rt.ddp:
             dist.destroy_process_group()
         return
 
     # ------------------------------------------------------------------ loop
     loss_acc = torch.zeros(2, device=device)  # [sum of losses, steps] since the last log row
-
-    def synced_loss():  # mean loss over ranks since the last row; raises before anything is saved after a NaN
-        t = loss_acc.clone()
-        if ddp:
-            dist.all_reduce(t)
-        v = (t[0] / t[1].clamp_min(1)).item()
-        if not math.isfinite(v):
-            raise FloatingPointError(f"non-finite loss at step {step}: {v}; last good checkpoint: {last_ckpt}")
-        return v
-
-    pbar = tqdm(total=stop, initial=step, disable=not master, dynamic_ncols=True)
+    pbar = tqdm(total=stop, initial=step, disable=not rt.master, dynamic_ncols=True)
     t0, t_step = time.time(), step
     seg.train()
     while step < stop:
         epoch = step // steps_per_epoch
-        train_set.set_epoch(epoch)
-        sampler.set_epoch(epoch)
-        idx = list(sampler)[(step - epoch * steps_per_epoch) * bs:]  # a resumed run skips what it has seen
-        loader = DataLoader(train_set, batch_size=bs, sampler=idx, num_workers=cfg.workers, drop_last=True,
-                            pin_memory=device.type == "cuda", generator=loader_gen())
+        loader = epoch_loader(train_set, sampler, epoch, step - epoch * steps_per_epoch, bs, cfg.workers,
+                              device.type == "cuda", cfg.seed)
         for x, y in loader:  # (B, 3, crop, crop) normalised, (B, crop, crop) int64 with 255 = ignore
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             # a crop that is not a multiple of the patch (DINOv2: 14): padded, else its last pixels never
             # reach the model; the pad's labels are ignored. A no-op at multiples.
             x, y = unip.center_pad(x, patch)[0], unip.center_pad(y, patch, value=255)[0]
             lr = poly_lr(step, cfg.lr, iters, warmup)
-            for g in opt.param_groups:
-                g["lr"] = lr * g["lr_scale"]
-            with autocast():
-                out, aux = model(x)  # (B, K, crop/4, crop/4) [linear: /16], aux (B, K, crop/16, crop/16) or None
-            loss = seg_loss(out, y) + (cfg.aux_weight * seg_loss(aux, y) if aux is not None else 0.0)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            loss_acc[0] += loss.detach()
+            loss_acc[0] += train_step(model, opt, scaler, x, y, lr, cfg.aux_weight, autocast)
             loss_acc[1] += 1
             step += 1
             pbar.update(1)
 
             if step % max(cfg.log_every, 1) == 0 or step == stop:
                 dt = (time.time() - t0) / max(step - t_step, 1)
-                row = {"step": step, "epoch": epoch, "loss": synced_loss(), "lr": lr,
+                row = {"step": step, "epoch": epoch, "loss": synced_loss(loss_acc, rt, step, last_ckpt), "lr": lr,
                        "img_per_s": bs * world / dt, "ms_per_step": dt * 1000}
                 if device.type == "cuda":
                     row["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                log(row)
+                common.log_row(cfg.out, row, rt.master)
                 pbar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{row['img_per_s']:.1f}")
                 loss_acc.zero_()
                 t0, t_step = time.time(), step
             evaluating = (eval_every and step % eval_every == 0) or step == stop
             saving = evaluating or (cfg.save_every and step % cfg.save_every == 0)
             if saving:
-                synced_loss()  # a non-finite loss raises here: nothing is saved from a diverged model
+                synced_loss(loss_acc, rt, step, last_ckpt)  # a non-finite loss raises here: nothing saved from it
             if evaluating:
-                miou = report(*evaluate())
+                miou = evaluate_and_report()
                 if miou > best:
                     best, best_step = miou, step
                     save(os.path.join(cfg.out, "best.pt"), full=False)
@@ -519,13 +548,10 @@ def main(argv=None):
     pbar.close()
 
     # ------------------------------------------------------------------ end (the last step was evaluated and saved)
-    print0(f"done: step {step}/{iters}; best mIoU {best:.2f} at step {best_step}; checkpoints in {cfg.out}")
-    if ddp:
+    rt.print(f"done: step {step}/{iters}; best mIoU {best:.2f} at step {best_step}; checkpoints in {cfg.out}")
+    if rt.ddp:
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except unip.USER_ERRORS as e:  # a missing file, a damaged checkpoint, labels that do not fit: one line, no traceback
-        raise SystemExit(f"error: {e}") from None
+    common.run(main)  # a missing file, a damaged checkpoint, labels that do not fit: one line, no traceback

@@ -18,6 +18,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
+import data  # noqa: E402
 import train_seg  # noqa: E402
 import unip  # noqa: E402
 
@@ -257,6 +259,25 @@ def test_check_labels_refuses_0_255_masks_and_warns_about_absent_classes():
     assert "0: 95.0%, 1: 5.0%" in warning and "--label-map" in warning
 
 
+def test_evaluation_runs_sdpa_and_gives_training_back_its_attention_path():
+    # a CPU bf16 fine-tuning trains with the explicit softmax; evaluation (no gradients) runs SDPA, then restores
+    val = data.SyntheticThermal("val", num_images=3, transform=data.SegEvalTransform(short_side=64), seed=0)
+    seg = unip.Segmenter(unip.vit_tiny(img_size=64), val.num_classes, "finetune")
+    unip.set_fused_attention(seg, False)
+    seen = []
+    for blk in seg.backbone.blocks:
+        blk.attn.register_forward_pre_hook(lambda m, a: seen.append(m.fused))
+    rt = common.Runtime(ddp=False, rank=0, local_rank=0, world=1, device=torch.device("cpu"), master=True)
+    conf, samples = train_seg.evaluate(seg, val, 2, 64, 42, lambda: torch.autocast("cpu", enabled=False), rt,
+                                       num_samples=1)
+    assert seen and all(seen)
+    assert seg.training and not any(blk.attn.fused for blk in seg.backbone.blocks)
+    # every labelled pixel of the 2 images, at the label's own size, counted once
+    labelled = sum(int((torch.as_tensor(val.load(i)[1]) != 255).sum()) for i in range(2))
+    assert conf.shape == (val.num_classes,) * 2 and int(conf.sum()) == labelled
+    assert [i for i, _ in samples] == [0] and samples[0][1].shape == val.load(0)[1].shape
+
+
 @pytest.fixture(scope="module")
 def pretrain_ckpt(tmp_path_factory):
     """A train_pretrain.py-style checkpoint: a vit_tiny student at 32 px with a 16-head last block."""
@@ -273,7 +294,7 @@ def test_finetune_from_init_with_distilled_heads_and_layer_scale(tmp_path, pretr
     p = run("--out", tmp_path, "--steps", 2, *SMALL, "--workers", 1, "--init", path, "--keep-distilled-heads",
             "--layer-scale", 1.0)
     n = len(sd)
-    assert f"loaded {n} tensors (pos_embed 2x2 -> 4x4)" in p.stdout  # every backbone key
+    assert f"loaded {n} tensors from {path} (pos_embed 2x2 -> 4x4)" in p.stdout  # every backbone key
     assert "kept at init: blocks.N.gamma_1, blocks.N.gamma_2" in p.stdout and "last block 16 heads" in p.stdout
     ck = unip.load_checkpoint(tmp_path / "ckpt.pt")
     assert ck["step"] == 2 and ck["config"]["mode"] == "finetune" and "backbone.blocks.0.gamma_1" in ck["model"]
