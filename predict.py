@@ -18,12 +18,8 @@ channel warns, naming the file. A file that cannot be decoded is skipped; the en
 skipped and warned about, and names the last two.
 In your own code: seg = unip.load_segmenter(path) gives the same model (see unip.load_segmenter).
 """
-import argparse
-import dataclasses
-import inspect
 import json
 import os
-import re
 import warnings
 from dataclasses import dataclass
 
@@ -33,6 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+import common
 import data
 import unip
 
@@ -46,16 +43,6 @@ class Config:
     alpha: float = 0.5          # opacity of the class colours in the overlays
     amp: str = "auto"           # auto | bf16 | fp16 | none (auto as in training: unip.resolve_amp)
     device: str = "auto"        # auto | cpu | cuda | cuda:N
-
-
-def parse_config(argv=None) -> Config:
-    # CLI generated from the fields; help text = the trailing comment of each field
-    helps = dict(re.findall(r"^\s+(\w+):.*#\s*(.+)$", inspect.getsource(Config), re.M))
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Config):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                       help=f"{helps.get(f.name, '')} (default: {f.default})")
-    return Config(**vars(p.parse_args(argv)))
 
 
 def image_paths(source):
@@ -96,15 +83,27 @@ def output_names(paths, root):
     return names
 
 
+def read_frame(path, channel, rgbt):
+    """(H, W) uint8 decoded as in training, what was read (data.decode_grey), and the warnings about it.
+    rgbt: the model was trained on MFNet's thermal frames (channel 3 of its RGBA PNGs)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        img, source = data.decode_grey(path, channel)
+    notes = [str(w.message) for w in caught]
+    if rgbt and source == "alpha":  # an RGBA file whose 4th channel is flat: no thermal frame to read
+        notes.append(f"{path}: this model was trained on MFNet's thermal frames, but the 4th channel of this RGBA "
+                     "file is constant (plain alpha, no thermal frame): predicting from the luma of its RGB instead; "
+                     "give the thermal frames, or --channel luma if the RGB is what you mean")
+    return img, source, notes
+
+
 def main(argv=None):
     # ------------------------------------------------------------------ config and setup
-    cfg = parse_config(argv)
+    cfg = common.parse_config(Config, argv, __doc__)
     if not cfg.checkpoint or not cfg.images:
         raise SystemExit("give --checkpoint (a train_seg.py checkpoint) and --images (a folder, an image or a .txt list)")
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    amp, amp_why = unip.resolve_amp(cfg.amp, device)
-    autocast = torch.autocast(device.type, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp),
-                              enabled=amp != "none")
+    amp, amp_why, autocast = common.precision(cfg.amp, device)  # on CUDA also TF32, as train_seg.py evaluates
 
     # ------------------------------------------------------------------ images and model
     paths, root = image_paths(cfg.images)
@@ -121,23 +120,11 @@ def main(argv=None):
     with open(os.path.join(cfg.out, "classes.json"), "w") as f:
         json.dump({"checkpoint": cfg.checkpoint, "classes": seg.classes, "palette": seg.palette}, f, indent=1)
 
-    def read(path):
-        """(H, W) uint8 decoded as in training, what was read (data.decode_grey), and the warnings about it."""
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            img, source = data.decode_grey(path, channel)
-        notes = [str(w.message) for w in caught]
-        if rgbt and source == "alpha":  # an RGBA file whose 4th channel is flat: no thermal frame to read
-            notes.append(f"{path}: this model was trained on MFNet's thermal frames, but the 4th channel of this RGBA "
-                         "file is constant (plain alpha, no thermal frame): predicting from the luma of its RGB instead; "
-                         "give the thermal frames, or --channel luma if the RGB is what you mean")
-        return img, source, notes
-
     # ------------------------------------------------------------------ loop
     skipped, warned, sources = [], [], {}
     for path, name in zip(tqdm(paths, desc="predict", dynamic_ncols=True), names):
         try:
-            img, source, notes = read(path)
+            img, source, notes = read_frame(path, channel, rgbt)
         except (OSError, ValueError) as e:
             skipped.append(path)
             tqdm.write(f"skipping {path}: {e}")
@@ -148,7 +135,7 @@ def main(argv=None):
             for note in notes:
                 tqdm.write(f"warning: {note}")
         x, _ = to_input(img, None)  # (3, h', w'), short side resized, normalised
-        with torch.no_grad(), autocast:  # (1, K, h', w'), fp32
+        with torch.no_grad(), autocast():  # (1, K, h', w'), fp32
             logits = unip.slide_inference(seg, x[None].to(device), seg.num_classes, seg.crop, seg.stride)
         pred = F.interpolate(logits.float(), size=img.shape, mode="bilinear", align_corners=False).argmax(1)
         pred = pred[0].to(torch.uint8).cpu().numpy()  # (H, W) class indices at the image's size
@@ -175,7 +162,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except unip.USER_ERRORS as e:  # a missing file, a damaged checkpoint: one line, no traceback
-        raise SystemExit(f"error: {e}") from None
+    common.run(main)  # a missing file, a damaged checkpoint: one line, no traceback
