@@ -27,13 +27,9 @@ summary.json and nmi_compare.png):
     nmi_layers.png  NMI per layer: heads as faint dots, layer mean bold, hybrid band shaded
     attention.png   a few heads of a few layers, for two query patches in a few images
 """
-import argparse
-import dataclasses
-import inspect
 import json
 import math
 import os
-import re
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -42,8 +38,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+import common
 import data
-import train_pretrain
 import unip
 
 
@@ -75,28 +71,8 @@ class Config:
 
 
 def parse_config(argv=None) -> Config:
-    # CLI generated from the fields; help = the trailing comment. Lists are repeatable and
-    # accept comma lists; tuples take their values after one flag (--thresholds 0.06 0.12).
-    helps = dict(re.findall(r"^\s+(\w+):.*#\s*(.+)$", inspect.getsource(Config), re.M))
-    fmt = type("Fmt", (argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter), {})
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
-    defaults = Config()
-    for f in dataclasses.fields(Config):
-        d, flag, h = getattr(defaults, f.name), "--" + f.name.replace("_", "-"), helps.get(f.name, "")
-        if isinstance(d, list):
-            p.add_argument(flag, action="append", default=argparse.SUPPRESS, help=f"{h} (default: {','.join(d)})")
-        elif isinstance(d, tuple):
-            p.add_argument(flag, nargs=len(d) or "*", type=type(d[0]) if d else int, default=d, help=h)
-        else:
-            p.add_argument(flag, type=type(d), default=d, help=h)
-    args = vars(p.parse_args(argv))
-    for f in dataclasses.fields(Config):
-        if isinstance(getattr(defaults, f.name), list):
-            given = args.get(f.name) or getattr(defaults, f.name)
-            args[f.name] = [s.strip() for item in given for s in item.split(",") if s.strip()]
-        elif isinstance(args[f.name], list):
-            args[f.name] = tuple(args[f.name])
-    return Config(**args)
+    # lists repeat or take comma lists (--checkpoint a.pth,b.pth); tuples take their values after one flag
+    return common.parse_config(Config, argv, __doc__)
 
 
 # -----------------------------------------------------------------------------
@@ -152,7 +128,7 @@ def measure_nmi(model, batches, device, progress=False, size=None):
     model.eval()
     for x in tqdm(batches, disable=not progress, unit="batch", desc="NMI"):
         x = x.to(device, non_blocking=True)
-        x = train_pretrain.resize_for(x, size) if size else x
+        x = unip.resize_for(x, size) if size else x
         maps = model.attention_maps(x, reduce=unip.nmi)  # {layer: (B, H)}
         v = [maps[i].double() for i in sorted(maps)]
         s1 = [t.sum(0) + (0 if s1 is None else s1[i]) for i, t in enumerate(v)]  # sums stay on device: no sync
@@ -319,13 +295,84 @@ def draw_attention(rows, columns, path, title, tile=128):
 # -----------------------------------------------------------------------------
 
 
+def model_names(ckpts, archs):
+    """One name per model for its folder and legend: the checkpoint's stem, made unique by arch and position."""
+    stems = [os.path.splitext(os.path.basename(c))[0] if c.lower() not in ("none", "random") else "random" for c in ckpts]
+    return [s if stems.count(s) == 1 else f"{s}_{a}_{i + 1}" for i, (s, a) in enumerate(zip(stems, archs))]
+
+
+def image_source(cfg, tf):
+    """The dataset to measure on (a folder, InfMix roots, or synthetic scenes) and a line saying what it is."""
+    if cfg.images:
+        ds = ImageFolder(cfg.images, tf)
+        return ds, f"{len(ds)} images under {cfg.images}"
+    if cfg.infrared or cfg.imagenet or cfg.coco:
+        ds = data.InfMix(cfg.infrared or None, cfg.imagenet or None, cfg.coco or None, transform=tf, seed=cfg.seed)
+        return ds, ds.summary()
+    ds = data.SyntheticThermal("val", num_images=cfg.num_images, transform=tf, seed=cfg.seed)
+    return ds, f"{len(ds)} synthetic thermal scenes (seed {cfg.seed})"
+
+
+def print_layers(res):
+    """The per-layer table of one model: mean NMI, spread, pattern counts, one letter per head."""
+    rec, layer_mean, closest = res["recommended_layer"], res["layers"], res["closest_layer"]
+    print("layer   NMI   std*  local hybrid global  heads (L local, h hybrid, g global)")
+    for i, (v, ps) in enumerate(zip(layer_mean, res["patterns"])):
+        c = res["counts"][i]
+        mark = "  <- recommended" if i + 1 == rec else ""
+        print(f"{i + 1:5d}  {v:.3f}  {res['layers_std'][i]:.3f}  {c['local']:5d} {c['hybrid']:6d} {c['global']:6d}  "
+              f"{''.join({'local': 'L', 'hybrid': 'h', 'global': 'g'}[p] for p in ps)}{mark}")
+    print(f"(* std over images, averaged over heads)\nrecommended layer to distil: {res['reason']}")
+    if closest != rec:
+        print(f"  (the plain rule, --layer-rule closest, would pick layer {closest} ({layer_mean[closest - 1]:.3f}))")
+    if res["warning"]:
+        print(f"WARNING: {res['warning']}")
+    random = res["checkpoint"].lower() in ("none", "random")
+    print(f"  {res['train_pretrain']}" if not random else "  (random weights: a baseline, not a teacher)")
+
+
+def attention_figure(model, pics, x_pics, idx, mean, patterns, shown, view, grid, heads_shown, img_size, device):
+    """attention.png's columns (a few heads of each shown layer, most local to most global) and rows (two query
+    patches per picture, with each column's attention map of that query)."""
+    with torch.no_grad():
+        xp = x_pics.to(device)
+        maps = model.attention_maps(unip.resize_for(xp, view) if view != img_size else xp,
+                                    layers=shown)  # {layer: (P, H, N, N)}
+    g, columns, rows = grid, [], []
+    for l in shown:
+        order = torch.argsort(mean[l - 1], descending=True).tolist()  # most local first
+        for h in [order[k] for k in sorted(set(np.linspace(0, len(order) - 1, heads_shown).round().astype(int)))]:
+            columns.append(((l, h), [f"layer {l}, head {h + 1}", f"{mean[l - 1][h]:.3f} {patterns[l - 1][h]}"]))
+    for p, (img, lab) in enumerate(pics):
+        for what, (r, c) in query_patches(img, lab, img_size // g):  # patches of the crop, g x g
+            att = {(l, h): maps[l][p, h, 1 + r * g + c, 1:].float().cpu().reshape(g, g).numpy()
+                   for (l, h), _ in columns}  # CLS key dropped, as in the NMI
+            rows.append(([f"image {idx[p]}", what], img, (r, c, g), att))
+    return rows, columns
+
+
+def write_summary(results, cfg, n_images, source):
+    """Several models: their curves in one plot, and summary.json with each one's layer to distil."""
+    draw_curves(results, cfg.thresholds, cfg.target, os.path.join(cfg.out, "nmi_compare.png"),
+                f"NMI per layer ({n_images} images)")
+    summary = dict(target=cfg.target, thresholds=list(cfg.thresholds), num_images=n_images, images=source,
+                   models=[{k: r[k] for k in ("name", "checkpoint", "arch", "recommended_layer", "layers")}
+                           | {"json": os.path.join(r["name"], "nmi.json")} for r in results])
+    with open(os.path.join(cfg.out, "summary.json"), "w") as fh:
+        json.dump(summary, fh, indent=1)
+    print("\nlayer to distil: " + ", ".join(f"{r['name']} {r['recommended_layer']}" for r in results))
+    print(f"wrote {cfg.out}/summary.json, nmi_compare.png")
+
+
+# -----------------------------------------------------------------------------
+
+
 def main(argv=None):
     # config
     cfg = parse_config(argv)
     print(json.dumps(asdict(cfg), indent=1))
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    amp, amp_why = unip.resolve_amp(cfg.amp, device)  # as train_pretrain.py --teacher-layer auto measures
-    autocast = torch.autocast(device.type, torch.float16 if amp == "fp16" else torch.bfloat16, enabled=amp != "none")
+    amp, amp_why, autocast = common.precision(cfg.amp, device)  # as train_pretrain.py --teacher-layer auto measures
     print(f"device {device} | amp {amp} ({amp_why})")
     ckpts, archs = cfg.checkpoint, cfg.arch * len(cfg.checkpoint) if len(cfg.arch) == 1 else cfg.arch
     if len(archs) != len(ckpts) or any(a not in unip.PRESETS for a in archs):
@@ -334,20 +381,11 @@ def main(argv=None):
         raise SystemExit(f"--teacher-norm: one of {', '.join(data.TEACHER_NORMS)}; got {cfg.teacher_norm!r}")
     if len(cfg.thresholds) != 2 or not cfg.thresholds[0] <= cfg.thresholds[1]:
         raise SystemExit(f"--thresholds wants two values, low <= high; got {cfg.thresholds}")
-    stems = [os.path.splitext(os.path.basename(c))[0] if c.lower() not in ("none", "random") else "random" for c in ckpts]
-    names = [s if stems.count(s) == 1 else f"{s}_{a}_{i + 1}" for i, (s, a) in enumerate(zip(stems, archs))]
+    names = model_names(ckpts, archs)
 
     # data: N images, evenly spaced over the sorted list; the first few also go into the pictures
     tf = EvalTransform(cfg.img_size, cfg.teacher_norm)
-    if cfg.images:
-        ds = ImageFolder(cfg.images, tf)
-        source = f"{len(ds)} images under {cfg.images}"
-    elif cfg.infrared or cfg.imagenet or cfg.coco:
-        ds = data.InfMix(cfg.infrared or None, cfg.imagenet or None, cfg.coco or None, transform=tf, seed=cfg.seed)
-        source = ds.summary()
-    else:
-        ds = data.SyntheticThermal("val", num_images=cfg.num_images, transform=tf, seed=cfg.seed)
-        source = f"{len(ds)} synthetic thermal scenes (seed {cfg.seed})"
+    ds, source = image_source(cfg, tf)
     idx = np.unique(np.linspace(0, len(ds) - 1, min(cfg.num_images, len(ds))).round().astype(int)).tolist()
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=cfg.batch_size,
                                          num_workers=cfg.workers, pin_memory=device.type == "cuda")
@@ -371,7 +409,7 @@ def main(argv=None):
         model.eval().to(device)
         # the token grid of distillation: the student's crop, seen by this model at grid x its patch
         if cfg.student_patch:
-            view, grid = train_pretrain.teacher_view(cfg.img_size, cfg.student_patch, model.patch_size)
+            view, grid = unip.teacher_view(cfg.img_size, cfg.student_patch, model.patch_size)
             print(f"{name}: measured at the student's grid, {grid}x{grid} tokens of {cfg.img_size} px crops (patch "
                   f"{cfg.student_patch})" + (f"; patch {model.patch_size}: the crops resized to {view} px, as "
                                              "train_pretrain.py shows them" if view != cfg.img_size else ""))
@@ -381,7 +419,7 @@ def main(argv=None):
 
         # NMI statistics
         t0 = time.time()
-        with autocast:
+        with autocast():
             mean, std = measure_nmi(model, loader, device, progress=True, size=view if view != cfg.img_size else None)
         seconds = time.time() - t0
         layer_mean = [m.mean().item() for m in mean]
@@ -400,19 +438,7 @@ def main(argv=None):
                    counts=[{p: ps.count(p) for p in ("local", "hybrid", "global")} for ps in patterns],
                    train_pretrain=flags, seconds=round(seconds, 2))
         print(f"\n{name} ({arch}, {ckpt}): {len(idx)} images in {seconds:.1f} s ({len(idx) / seconds:.1f} img/s)")
-        print("layer   NMI   std*  local hybrid global  heads (L local, h hybrid, g global)")
-        for i, (v, ps) in enumerate(zip(layer_mean, patterns)):
-            c = res["counts"][i]
-            mark = "  <- recommended" if i + 1 == rec else ""
-            print(f"{i + 1:5d}  {v:.3f}  {res['layers_std'][i]:.3f}  {c['local']:5d} {c['hybrid']:6d} {c['global']:6d}  "
-                  f"{''.join({'local': 'L', 'hybrid': 'h', 'global': 'g'}[p] for p in ps)}{mark}")
-        print(f"(* std over images, averaged over heads)\nrecommended layer to distil: {why}")
-        if res["closest_layer"] != rec:
-            print(f"  (the plain rule, --layer-rule closest, would pick layer {res['closest_layer']} "
-                  f"({layer_mean[res['closest_layer'] - 1]:.3f}))")
-        if warning:
-            print(f"WARNING: {warning}")
-        print(f"  {flags}" if ckpt.lower() not in ("none", "random") else "  (random weights: a baseline, not a teacher)")
+        print_layers(res)
 
         # pictures: the NMI curve, and attention of a few heads for two query patches per image
         with open(os.path.join(out, "nmi.json"), "w") as fh:
@@ -424,39 +450,16 @@ def main(argv=None):
             continue
         depth = len(model.blocks)
         shown = sorted({l for l in cfg.layers if 1 <= l <= depth} or {max(1, round(depth / 4)), rec, depth})
-        with torch.no_grad():
-            xp = x_pics.to(device)
-            maps = model.attention_maps(train_pretrain.resize_for(xp, view) if view != cfg.img_size else xp,
-                                        layers=shown)  # {layer: (P, H, N, N)}
-        g, columns, rows = grid, [], []
-        for l in shown:
-            order = torch.argsort(mean[l - 1], descending=True).tolist()  # most local first
-            for h in [order[k] for k in sorted(set(np.linspace(0, len(order) - 1, cfg.heads_shown).round().astype(int)))]:
-                columns.append(((l, h), [f"layer {l}, head {h + 1}", f"{mean[l - 1][h]:.3f} {patterns[l - 1][h]}"]))
-        for p, (img, lab) in enumerate(pics):
-            for what, (r, c) in query_patches(img, lab, cfg.img_size // g):  # patches of the crop, g x g
-                att = {(l, h): maps[l][p, h, 1 + r * g + c, 1:].float().cpu().reshape(g, g).numpy()
-                       for (l, h), _ in columns}  # CLS key dropped, as in the NMI
-                rows.append(([f"image {idx[p]}", what], img, (r, c, g), att))
+        rows, columns = attention_figure(model, pics, x_pics, idx, mean, patterns, shown, view, grid,
+                                         cfg.heads_shown, cfg.img_size, device)
         draw_attention(rows, columns, os.path.join(out, "attention.png"),
                        f"{name}: attention of the boxed query patch (each map scaled to its max); "
                        f"column header: layer, head, mean NMI, pattern")
         print(f"wrote {out}/nmi.json, nmi_layers.png, attention.png")
 
     if len(results) > 1:  # side-by-side comparison
-        draw_curves(results, cfg.thresholds, cfg.target, os.path.join(cfg.out, "nmi_compare.png"),
-                    f"NMI per layer ({len(idx)} images)")
-        summary = dict(target=cfg.target, thresholds=list(cfg.thresholds), num_images=len(idx), images=source,
-                       models=[{k: r[k] for k in ("name", "checkpoint", "arch", "recommended_layer", "layers")}
-                               | {"json": os.path.join(r["name"], "nmi.json")} for r in results])
-        with open(os.path.join(cfg.out, "summary.json"), "w") as fh:
-            json.dump(summary, fh, indent=1)
-        print("\nlayer to distil: " + ", ".join(f"{r['name']} {r['recommended_layer']}" for r in results))
-        print(f"wrote {cfg.out}/summary.json, nmi_compare.png")
+        write_summary(results, cfg, len(idx), source)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except unip.USER_ERRORS as e:  # a missing file, a damaged checkpoint, a bad setting: one line, no traceback
-        raise SystemExit(f"error: {e}") from None
+    common.run(main)

@@ -22,13 +22,15 @@ import unip
 # configuration: the command line is the dataclass
 
 
-def parse_config(config_cls, argv=None, doc=None, choices=None, recipe=None):
+def parse_config(config_cls, argv=None, doc=None, choices=None, recipe=None, check=None):
     """A `config_cls` instance from the command line: one flag per field (`--batch-size` for
     batch_size), the help text taken from the field's trailing comment. bool fields get --x / --no-x;
     list fields repeat or take comma lists (--x a,b --x c); tuple fields take their values after one
     flag (--thresholds 0.06 0.12). `choices` maps field names to allowed values. `recipe(cfg)` may
     return other defaults that depend on the parsed values (train_seg.py's ViT-L recipe): the command
-    line is read again with them, so flags given explicitly still win."""
+    line is read again with them, so flags given explicitly still win. `check(cfg)` may fill in fields
+    that depend on others and returns an error message or None; a message ends the parse as argparse's
+    own errors do (usage, the message, exit status 2)."""
     helps = dict(re.findall(r"^\s+(\w+):.*?#\s*(.+)$", inspect.getsource(config_cls), re.M))
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults, choices = config_cls(), choices or {}
@@ -60,6 +62,8 @@ def parse_config(config_cls, argv=None, doc=None, choices=None, recipe=None):
     if recipe is not None and (extra := recipe(cfg)):
         p.set_defaults(**extra)
         cfg = read()
+    if check is not None and (msg := check(cfg)):
+        p.error(msg)
     return cfg
 
 

@@ -34,13 +34,11 @@ Every stage is the real script with its real command line (printed before it run
 doubles as a worked example. Outputs land in --out; a stage that already finished is not run again
 (delete the folder, or pass --fresh, to start over).
 """
-import argparse
 import dataclasses
-import inspect
+import functools
 import json
 import math
 import os
-import re
 import shlex
 import shutil
 import statistics
@@ -49,9 +47,14 @@ import sys
 import time
 from dataclasses import dataclass
 
+import common
+import data  # its list of image endings and the pair check
+import unip  # the layer rules, as analyze.py and train_pretrain.py apply them
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Table rows: a random init, UNIP students distilled from four kinds of teacher layer, the teacher itself.
 ROWS = ("scratch", "rule", "peak", "closest", "last", "teacher")
+MODES = {"finetune": "fine-tune (LL-FPN + UperNet)", "linear": "linear probe"}
 
 
 @dataclass
@@ -84,19 +87,12 @@ class Config:
     fresh: bool = False  # delete --out first
 
 
-def parse_config(argv=None):
-    helps = dict(re.findall(r"^\s+(\w+):.*?#\s*(.+)$", inspect.getsource(Config), re.M))
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Config):
-        flag, h = "--" + f.name.replace("_", "-"), f"{helps[f.name]} (default: {f.default!r})"
-        if f.type is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=h)
-        else:
-            p.add_argument(flag, type=type(f.default), default=f.default, help=h)
-    cfg = Config(**vars(p.parse_args(argv)))
+def check_config(cfg):
+    """The defaults that depend on the mode (real: --teacher given) filled in, and the settings argparse cannot
+    check; an error message, or None."""
     real = bool(cfg.teacher)
     if real and not (cfg.unlabelled and cfg.labelled):
-        p.error("--teacher (real mode) needs --unlabelled and --labelled")
+        return "--teacher (real mode) needs --unlabelled and --labelled"
     cfg.size = cfg.size or (224 if real else 128)
     cfg.student = cfg.student or ("vit_tiny" if real else "vit_micro")
     cfg.distill_steps = cfg.distill_steps or (600 if real else 200)
@@ -106,20 +102,24 @@ def parse_config(argv=None):
     cfg.rows = cfg.rows or ("scratch,rule,peak,teacher" if real else "scratch,rule")
     rows = [r.strip().replace("control", "peak") for r in cfg.rows.split(",") if r.strip()]
     if any(r not in ROWS for r in rows) or len(set(rows)) != len(rows):
-        p.error(f"--rows: distinct names from {','.join(ROWS)}; got {cfg.rows!r}")
+        return f"--rows: distinct names from {','.join(ROWS)}; got {cfg.rows!r}"
     if "teacher" in rows and not real:
-        p.error("--rows teacher: the teacher row fine-tunes a pre-trained --teacher (real mode)")
+        return "--rows teacher: the teacher row fine-tunes a pre-trained --teacher (real mode)"
     cfg.rows = ",".join(rows)
     if min(cfg.seeds, cfg.distill_seeds, cfg.teacher_seeds, cfg.distill_steps, cfg.finetune_iters) < 1:
-        p.error("--seeds, --distill-seeds, --teacher-seeds, --distill-steps and --finetune-iters must be positive")
+        return "--seeds, --distill-seeds, --teacher-seeds, --distill-steps and --finetune-iters must be positive"
     try:
         curve = sorted({int(v) for v in cfg.curve_steps.split(",") if v.strip()})
     except ValueError:
         curve = [0]
     if curve and curve[0] < 1:
-        p.error(f"--curve-steps: comma-separated positive step counts, e.g. '150,300,600'; got {cfg.curve_steps!r}")
+        return f"--curve-steps: comma-separated positive step counts, e.g. '150,300,600'; got {cfg.curve_steps!r}"
     cfg.curve_steps = ",".join(map(str, curve))
-    return cfg
+    return None
+
+
+def parse_config(argv=None):
+    return common.parse_config(Config, argv, __doc__, check=check_config)
 
 
 def mean_std(values):
@@ -210,235 +210,226 @@ def git_commit():
     return head.stdout.strip(), bool(dirty.stdout.strip()) if dirty.returncode == 0 else None
 
 
-def main(argv=None):
-    cfg = parse_config(argv)
-    real = bool(cfg.teacher)
-    if cfg.fresh and os.path.isdir(cfg.out):
-        shutil.rmtree(cfg.out)
-    os.makedirs(cfg.out, exist_ok=True)
-    out = lambda *p: os.path.abspath(os.path.join(cfg.out, *p))
-    times, run_now, t_start = {}, set(), time.time()
-    sys.path.insert(0, HERE)
-    import unip  # the layer rules, as analyze.py and train_pretrain.py apply them
+# -----------------------------------------------------------------------------
+# the stages: each one the real script, run as a user would
 
-    def stage(name, script, *args, done=None):
-        """Run one script as a user would; skip it when its result file already exists."""
-        cmd = [sys.executable, os.path.join(HERE, script), *map(str, args)]
-        print(f"\n=== {name}\n$ {' '.join(cmd[1:])}", flush=True)
-        if done and os.path.exists(done):
-            print(f"(already done: {done})")
-            try:  # the marker holds the stage's time, so a resumed experiment still reports every stage
-                times[name] = json.load(open(done))["seconds"]
-            except (ValueError, KeyError, TypeError):
-                pass
-            return
-        t = time.time()
+
+def run_stage(times, ran, name, script, *args, done=None):
+    """Run one script with its command line printed first; skip it when its marker file `done` exists. The
+    stage's seconds go to `times` (and into the marker, so a resumed experiment still reports every stage);
+    `ran` collects the stages this call ran. A failed script has printed its own error: one line here."""
+    cmd = [sys.executable, os.path.join(HERE, script), *map(str, args)]
+    print(f"\n=== {name}\n$ {' '.join(cmd[1:])}", flush=True)
+    if done and os.path.exists(done):
+        print(f"(already done: {done})")
+        try:
+            times[name] = json.load(open(done))["seconds"]
+        except (ValueError, KeyError, TypeError):
+            pass
+        return
+    t = time.time()
+    try:
         subprocess.run(cmd, check=True, cwd=HERE)
-        times[name] = time.time() - t
-        run_now.add(name)
-        if done:
-            with open(done, "w") as f:
-                json.dump({"seconds": times[name]}, f)
+    except subprocess.CalledProcessError as e:
+        raise SystemExit(f"error: {script} failed (exit status {e.returncode}), see above") from None
+    times[name] = time.time() - t
+    ran.add(name)
+    if done:
+        with open(done, "w") as f:
+            json.dump({"seconds": times[name]}, f)
 
-    def final_miou(folder):  # the last evaluation row of a train_seg.py run
-        rows = [json.loads(line) for line in open(os.path.join(folder, "log.jsonl"))]
-        return [r for r in rows if "miou" in r][-1]["miou"]
 
-    common = ["--device", cfg.device, "--amp", cfg.amp, "--workers", 1]
+def final_miou(folder):
+    """The last evaluation row of a train_seg.py run."""
+    rows = [json.loads(line) for line in open(os.path.join(folder, "log.jsonl"))]
+    return [r for r in rows if "miou" in r][-1]["miou"]
 
-    schedule = {}  # distillation steps -> length of the lr schedule they stop in
 
-    def distil(layer, seed, images, steps=None, keep="", folder=None, what=""):
-        """NMI-HAD: the teacher layer's logits -> the student's last layer, for `steps` optimiser steps."""
-        steps = steps or cfg.distill_steps
-        folder = folder or out(f"student_l{layer}_s{seed}")
-        data_args = ["--infrared", images] if images else []
-        # Whole epochs of n // 32 steps (the sampler drops the last partial batch): enough of them to reach
-        # `steps`, so the run stops at exactly `steps` and the cosine ends there when `steps` fills whole epochs.
-        per_epoch = n_unlabelled // 32
-        if per_epoch < 1:
-            raise ValueError(f"{n_unlabelled} unlabelled images are fewer than one batch of 32 (--unlabelled)")
-        epochs = math.ceil(steps / per_epoch)
-        schedule[steps] = epochs * per_epoch
-        if epochs * per_epoch != steps:
-            print(f"note: {steps} steps stop inside a schedule of {epochs * per_epoch} ({epochs} epochs of "
-                  f"{per_epoch} steps): the lr is not fully annealed at the stop")
-        stage(f"distil teacher layer {layer} into a {cfg.student} (seed {seed}{what})", "train_pretrain.py",
-              "--teacher", teacher_ckpt, "--teacher-arch", cfg.teacher_arch, "--teacher-layer", layer,
-              "--model", cfg.student, "--img-size", cfg.size, "--batch-size", 32, "--effective-batch", 32,
-              "--epochs", epochs, "--warmup-epochs", 1, "--lr", 5e-4,
-              "--steps", steps, "--log-every", 10, "--seed", seed, *data_args, *common,
-              *(["--keep-steps", keep] if keep else []),
-              "--out", folder, "--resume", "auto", done=os.path.join(folder, "done"))
-        return os.path.join(folder, "ckpt.pt")
+def script_args(cfg):
+    """The settings every stage shares."""
+    return ["--device", cfg.device, "--amp", cfg.amp, "--workers", 1]
 
-    if not real:
-        # ------------------------------------------------------------ synthetic: a teacher trained from scratch
-        seg_common = ["--dataset", "synthetic", "--crop", cfg.size, "--eval-every", 0, "--log-every", 10, *common]
-        teacher_ckpt, n_unlabelled = out("teacher", "ckpt.pt"), 2000
-        # --layer-scale 0: a plain ViT like the pre-trained teachers, so the vit_* preset loads it in the next stages
-        stage("teacher: train a ViT from scratch", "train_seg.py", *seg_common, "--model", cfg.teacher_arch,
-              "--iters", cfg.teacher_iters, "--lr", cfg.teacher_lr, "--layer-scale", 0, "--out", out("teacher"),
-              "--resume", "auto", done=out("teacher", "done"))
-        analyse_args = ["--img-size", cfg.size]
-        seg_common += ["--train-images", cfg.label_budget]
-        unlabelled = ""
-    else:
-        # ------------------------------------------------------------ real: split, unlabelled frames
-        teacher_ckpt = os.path.abspath(cfg.teacher)
-        sys.path.insert(0, HERE)
-        import data  # its list of image endings and the pair check
-        img_dir = os.path.join(cfg.labelled, "images")
-        # every labelled pair checked before the first stage (files present, sizes from the headers), not when
-        # fine-tuning reaches it after the distillation has run
-        pairs = data.SegFolder(img_dir, os.path.join(cfg.labelled, "labels"), classes=cfg.classes.split(","))
-        mismatched = [m for _, m in pairs.size_mismatches()]
-        if mismatched:
-            raise SystemExit(f"error: --labelled {cfg.labelled}: {len(mismatched)} image/label pairs differ in size: "
-                             f"{'; '.join(mismatched)}. Fix or remove them before the run")
-        stems = sorted(os.path.splitext(f)[0] for f in os.listdir(img_dir) if f.lower().endswith(data.IMG_EXTS))
-        val = stems[cfg.val_every - 1::cfg.val_every]
-        train = [s for s in stems if s not in set(val)]
-        os.makedirs(out("split"), exist_ok=True)
-        for name, part in (("train", train), ("val", val)):
-            with open(out("split", f"{name}.txt"), "w") as f:
-                f.write("\n".join(part) + "\n")
-        # NMI-HAD sees every unlabelled frame except the labelled validation images (links, no copies).
-        held_out = {os.path.realpath(os.path.join(img_dir, f)) for f in os.listdir(img_dir)
-                    if os.path.splitext(f)[0] in set(val)}
-        files = [p for d in cfg.unlabelled.split(",") if d for p in data._images_in(d, recursive=True)]
-        files = [p for p in files if os.path.realpath(p) not in held_out]
-        unlabelled = out("unlabelled")
-        shutil.rmtree(unlabelled, ignore_errors=True)
-        os.makedirs(unlabelled)
-        for i, p in enumerate(files):
-            os.symlink(os.path.realpath(p), os.path.join(unlabelled, f"{i:05d}_{os.path.basename(p)}"))
-        n_unlabelled = len(files)
-        print(f"labelled: {len(train)} train / {len(val)} validation images ({out('split')}); "
-              f"unlabelled for NMI-HAD: {n_unlabelled} frames from {cfg.unlabelled} "
-              f"({len(held_out)} validation frames left out)")
-        seg_common = ["--dataset", "folder", "--data-root", os.path.abspath(cfg.labelled), "--img-dir", "images",
-                      "--label-dir", "labels", "--train-split", out("split", "train.txt"),
-                      "--val-split", out("split", "val.txt"), "--classes", cfg.classes, "--label-map", cfg.label_map,
-                      "--crop", cfg.size, "--eval-every", 0, "--log-every", 20, "--num-samples", 2, *common]
-        analyse_args = ["--img-size", cfg.analyse_size or cfg.size, "--images", unlabelled]
 
-    # ---------------------------------------------------------------- the teacher's attention patterns
-    stage("analyse the teacher's attention", "analyze.py", "--checkpoint", teacher_ckpt, "--arch", cfg.teacher_arch,
-          "--num-images", cfg.analyse_images, *analyse_args, "--device", cfg.device, "--workers", 1, "--out", out("analyze"),
-          done=out("analyze", "done"))
-    nmi = json.load(open(out("analyze", "nmi.json")))
+def distil_epochs(steps, n_images):
+    """(epochs, steps per epoch) of a distillation of `steps` optimiser steps on n_images: whole epochs of
+    n // 32 steps (the sampler drops the last partial batch), enough of them to reach `steps`, so the run stops
+    at exactly `steps` and the cosine ends there when `steps` fills whole epochs."""
+    per_epoch = n_images // 32
+    if per_epoch < 1:
+        raise ValueError(f"{n_images} unlabelled images are fewer than one batch of 32 (--unlabelled)")
+    return math.ceil(steps / per_epoch), per_epoch
+
+
+def distil(stage, cfg, teacher_ckpt, images, n_images, layer, seed, folder, steps=None, keep="", what=""):
+    """NMI-HAD with train_pretrain.py: the teacher layer's logits -> the student's last layer, for `steps`
+    optimiser steps (default --distill-steps) on `images` (empty: the synthetic scenes), snapshots at the steps
+    in `keep`. Returns the student checkpoint."""
+    steps = steps or cfg.distill_steps
+    data_args = ["--infrared", images] if images else []
+    epochs, per_epoch = distil_epochs(steps, n_images)
+    if epochs * per_epoch != steps:
+        print(f"note: {steps} steps stop inside a schedule of {epochs * per_epoch} ({epochs} epochs of "
+              f"{per_epoch} steps): the lr is not fully annealed at the stop")
+    stage(f"distil teacher layer {layer} into a {cfg.student} (seed {seed}{what})", "train_pretrain.py",
+          "--teacher", teacher_ckpt, "--teacher-arch", cfg.teacher_arch, "--teacher-layer", layer,
+          "--model", cfg.student, "--img-size", cfg.size, "--batch-size", 32, "--effective-batch", 32,
+          "--epochs", epochs, "--warmup-epochs", 1, "--lr", 5e-4,
+          "--steps", steps, "--log-every", 10, "--seed", seed, *data_args, *script_args(cfg),
+          *(["--keep-steps", keep] if keep else []),
+          "--out", folder, "--resume", "auto", done=os.path.join(folder, "done"))
+    return os.path.join(folder, "ckpt.pt")
+
+
+def evaluate(stage, seg_args, iters, folder, row, init, seed, mode):
+    """One backbone fine-tuned (LL-FPN + UperNet) or linearly probed with train_seg.py; its final mIoU."""
+    lr = ["--lr", 1e-3] if mode == "linear" else []  # a lone 1x1 conv wants a larger lr
+    stage(f"{mode} {row} (seed {seed})", "train_seg.py", *seg_args, *init, *lr,
+          "--iters", iters, "--seed", seed, "--mode", mode, "--out", folder,
+          "--resume", "auto", done=os.path.join(folder, "done"))
+    return final_miou(folder)
+
+
+# -----------------------------------------------------------------------------
+# real mode: the labelled split and the unlabelled frames
+
+
+def prepare_real(labelled, classes, val_every, unlabelled_dirs, split_dir, link_dir):
+    """Before the first stage: every labelled pair checked (files present, sizes from the headers, not when
+    fine-tuning reaches it after the distillation has run), a fixed train / validation split (every
+    val_every-th image of the sorted names) written to split_dir/{train,val}.txt, and the frames NMI-HAD sees
+    linked into link_dir: every unlabelled frame except the labelled validation images (links, no copies).
+    Returns (train stems, validation stems, unlabelled frame count)."""
+    img_dir = os.path.join(labelled, "images")
+    pairs = data.SegFolder(img_dir, os.path.join(labelled, "labels"), classes=classes.split(","))
+    mismatched = [m for _, m in pairs.size_mismatches()]
+    if mismatched:
+        raise SystemExit(f"error: --labelled {labelled}: {len(mismatched)} image/label pairs differ in size: "
+                         f"{'; '.join(mismatched)}. Fix or remove them before the run")
+    stems = sorted(os.path.splitext(f)[0] for f in os.listdir(img_dir) if f.lower().endswith(data.IMG_EXTS))
+    val = stems[val_every - 1::val_every]
+    train = [s for s in stems if s not in set(val)]
+    os.makedirs(split_dir, exist_ok=True)
+    for name, part in (("train", train), ("val", val)):
+        with open(os.path.join(split_dir, f"{name}.txt"), "w") as f:
+            f.write("\n".join(part) + "\n")
+    held_out = {os.path.realpath(os.path.join(img_dir, f)) for f in os.listdir(img_dir)
+                if os.path.splitext(f)[0] in set(val)}
+    files = [p for d in unlabelled_dirs.split(",") if d for p in data._images_in(d, recursive=True)]
+    files = [p for p in files if os.path.realpath(p) not in held_out]
+    shutil.rmtree(link_dir, ignore_errors=True)
+    os.makedirs(link_dir)
+    for i, p in enumerate(files):
+        os.symlink(os.path.realpath(p), os.path.join(link_dir, f"{i:05d}_{os.path.basename(p)}"))
+    print(f"labelled: {len(train)} train / {len(val)} validation images ({split_dir}); "
+          f"unlabelled for NMI-HAD: {len(files)} frames from {unlabelled_dirs} "
+          f"({len(held_out)} validation frames left out)")
+    return train, val, len(files)
+
+
+# -----------------------------------------------------------------------------
+# the rows, the runs and the statistics
+
+
+def choose_rows(names, nmi, control_layer):
+    """The teacher layer of each distilled row from analyze.py's nmi.json. 'closest' is the rule as the paper
+    states it (all layers searched), against which the after-peak rule's choice is tested. A row whose layer an
+    earlier row already has is dropped (one layer distilled twice would be the same experiment). Returns (rows,
+    {row: layer}, {dropped row: the row it repeats}, {row: candidate layer})."""
     means, n_layers = nmi["layers"], len(nmi["layers"])
     peak = max(range(n_layers), key=lambda i: means[i]) + 1
-    # The teacher layer of each distilled row. 'closest' is the rule as the paper states it (all layers searched),
-    # against which the after-peak rule's choice is tested.
-    candidates = {"rule": nmi["recommended_layer"], "peak": cfg.control_layer or peak,
+    candidates = {"rule": nmi["recommended_layer"], "peak": control_layer or peak,
                   "closest": unip.layer_choice(means, nmi.get("target", 0.09), rule="closest")[0], "last": n_layers}
     rows, layers, same_as = [], {}, {}
-    for row in cfg.rows.split(","):
+    for row in names:
         if row in candidates:
             twin = next((r for r, l in layers.items() if l == candidates[row]), None)
-            if twin:  # one layer distilled twice would be the same experiment: one row, and say so
+            if twin:
                 same_as[row] = twin
                 print(f"row '{row}': layer {candidates[row]} is the layer of row '{twin}' (not run twice)")
                 continue
             layers[row] = candidates[row]
         rows.append(row)
-    layer = layers.get("rule", nmi["recommended_layer"])
-    distilled = [r for r in rows if r in layers]
-    curve = [int(v) for v in cfg.curve_steps.split(",") if v]
-    n_seeds = {r: cfg.teacher_seeds if r == "teacher" else cfg.seeds for r in rows}
-    distil_note = ("each seed re-runs distillation too" if cfg.distill_seeds >= cfg.seeds else
-                   "each seed re-runs fine-tuning only (one distillation per layer)" if cfg.distill_seeds == 1 else
-                   f"fine-tuning seed s uses distillation run s mod {cfg.distill_seeds}")
+    return rows, layers, same_as, candidates
 
-    # A curve as long as the rows' distillation is the rule's first distillation run with snapshots: no extra run,
-    # and its last point is the rule's seed-0 fine-tuning.
-    curve_shared = bool(curve) and curve[-1] == cfg.distill_steps and "rule" in layers
-    curve_dir = out(f"student_l{layer}_s0") if curve_shared else out(f"curve_l{layer}")
 
-    # ---------------------------------------------------------------- NMI-HAD, then fine-tuning and probing
-    inits = {row: [distil(layers[row], d, unlabelled, keep=cfg.curve_steps if curve_shared and row == "rule" and d == 0
-                          else "") for d in range(cfg.distill_seeds)] for row in distilled}
-    runs = {}  # (row, mode) -> [mIoU per seed]
-
-    def evaluate(row, init, seed, mode, name):
-        lr = ["--lr", 1e-3] if mode == "linear" else []  # a lone 1x1 conv wants a larger lr
-        stage(f"{mode} {row} (seed {seed})", "train_seg.py", *seg_common, *init, *lr,
-              "--iters", cfg.finetune_iters, "--seed", seed, "--mode", mode, "--out", out(name),
-              "--resume", "auto", done=out(name, "done"))
-        return final_miou(out(name))
-
+def fine_tune_rows(run, rows, n_seeds, inits, distill_seeds, student, teacher_arch, teacher_ckpt):
+    """Every row fine-tuned and probed for each of its seeds, seed by seed. run(row, init, seed, mode, name) ->
+    mIoU. Returns {(row, mode): [mIoU per seed]}."""
+    runs = {}
     for seed in range(max(n_seeds.values())):
         for row in rows:
             if seed >= n_seeds[row]:
                 continue
-            for mode in ("finetune", "linear"):
+            for mode in MODES:
                 if row == "teacher":
-                    init = ["--model", cfg.teacher_arch, "--init", teacher_ckpt]
+                    init = ["--model", teacher_arch, "--init", teacher_ckpt]
                 else:
-                    init = ["--model", cfg.student] + (["--init", inits[row][seed % cfg.distill_seeds]]
-                                                       if row in inits else [])
-                runs.setdefault((row, mode), []).append(evaluate(row, init, seed, mode, f"{mode}_{row}_s{seed}"))
+                    init = ["--model", student] + (["--init", inits[row][seed % distill_seeds]] if row in inits else [])
+                runs.setdefault((row, mode), []).append(run(row, init, seed, mode, f"{mode}_{row}_s{seed}"))
+    return runs
 
-    # ---------------------------------------------------------------- distillation-length curve
-    # One run of the longest length with snapshots: the shorter ones sit inside its cosine schedule.
-    curve_runs = {}  # steps -> {mode: mIoU}
-    if curve:
-        if not curve_shared:
-            distil(layer, 0, unlabelled, steps=curve[-1], keep=cfg.curve_steps, folder=curve_dir,
-                   what=f", length curve: snapshots at steps {', '.join(map(str, curve))}")
-        missing = [s for s in curve if not os.path.exists(os.path.join(curve_dir, f"step{s}.pt"))]
-        if missing:  # e.g. the folder was distilled earlier without --curve-steps
-            raise FileNotFoundError(f"{curve_dir} has no snapshots for steps {missing} (--curve-steps); "
-                                    f"delete that folder to distil it again with them")
-        for steps in curve:
-            for mode in ("finetune", "linear"):
-                if curve_shared and steps == curve[-1]:  # the same weights and seed as the rule's seed-0 run
-                    curve_runs.setdefault(steps, {})[mode] = runs[("rule", mode)][0]
-                    continue
-                init = ["--model", cfg.student, "--init", os.path.join(curve_dir, f"step{steps}.pt")]
-                curve_runs.setdefault(steps, {})[mode] = evaluate(f"curve {steps} steps", init, 0, mode,
-                                                                  f"{mode}_curve{steps}_s0")
 
-    # ---------------------------------------------------------------- statistics: paired by seed
-    modes = {"finetune": "fine-tune (LL-FPN + UperNet)", "linear": "linear probe"}
-    stats = {(r, m): paired_ci(runs[(r, m)], runs[("scratch", m)]) for r in distilled for m in modes
+def curve_points(run, curve, curve_dir, shared, runs, student):
+    """The distillation-length curve: each snapshot of curve_dir fine-tuned and probed with seed 0. When the
+    curve's run is the rule's distillation run 0 (`shared`), its last point is the rule's seed-0 row.
+    Returns {steps: {mode: mIoU}}."""
+    missing = [s for s in curve if not os.path.exists(os.path.join(curve_dir, f"step{s}.pt"))]
+    if missing:  # e.g. the folder was distilled earlier without --curve-steps
+        raise FileNotFoundError(f"{curve_dir} has no snapshots for steps {missing} (--curve-steps); "
+                                f"delete that folder to distil it again with them")
+    points = {}
+    for steps in curve:
+        for mode in MODES:
+            if shared and steps == curve[-1]:  # the same weights and seed as the rule's seed-0 run
+                points.setdefault(steps, {})[mode] = runs[("rule", mode)][0]
+                continue
+            init = ["--model", student, "--init", os.path.join(curve_dir, f"step{steps}.pt")]
+            points.setdefault(steps, {})[mode] = run(f"curve {steps} steps", init, 0, mode, f"{mode}_curve{steps}_s0")
+    return points
+
+
+def paired_statistics(runs, rows, layers):
+    """Paired by seed: each distilled row minus scratch, and the layer comparisons whose rows both ran.
+    Returns ({(row, mode): interval}, [(a, b, why)], {(a, b, mode): interval})."""
+    stats = {(r, m): paired_ci(runs[(r, m)], runs[("scratch", m)]) for r in layers for m in MODES
              if "scratch" in rows}
     pairs = [(a, b, why) for a, b, why in (("rule", "peak", "hybrid - local"), ("rule", "last", "hybrid - global"),
                                            ("rule", "closest", "after-peak rule - closest rule"))
              if a in layers and b in layers]
-    comparisons = {(a, b, m): paired_ci(runs[(a, m)], runs[(b, m)]) for a, b, _ in pairs for m in modes}
+    comparisons = {(a, b, m): paired_ci(runs[(a, m)], runs[(b, m)]) for a, b, _ in pairs for m in MODES}
+    return stats, pairs, comparisons
 
-    # ---------------------------------------------------------------- the tables
-    kind = {"rule": f"the rule's: {nmi.get('layer_rule', 'after-peak')}",
-            "peak": "control" if cfg.control_layer else "NMI peak: local",
-            "closest": f"closest to {nmi.get('target', 0.09)} over all layers", "last": "last layer: global"}
-    label = {"scratch": f"{cfg.student} from scratch (random init)",
-             "teacher": f"the teacher {cfg.teacher_arch} itself"}
-    for r, l in layers.items():
-        label[r] = f"UNIP {cfg.student} <- layer {l} ({kind[r]}, NMI {means[l - 1]:.3f})"
-    commit, dirty = git_commit()
-    wall = time.time() - t_start
-    lines = []
-    if real:
+
+# -----------------------------------------------------------------------------
+# results.md and results.json
+
+
+def setup_lines(cfg, nmi, layer, split, n_unlabelled, teacher_miou, same_as, candidates, distil_note):
+    """The lines above the tables: teacher, task, rows merged into others, seeds."""
+    means, lines = nmi["layers"], []
+    if split is not None:
         lines.append(f"teacher {cfg.teacher_arch} ({cfg.teacher}); rule: {nmi['reason']}")
         if nmi.get("warning"):
             lines.append(f"  note: {nmi['warning']}")
-        lines.append(f"labelled task {cfg.labelled}: {len(train)} train / {len(val)} val images, crop {cfg.size}, "
-                     f"{cfg.finetune_iters} iterations per run; NMI-HAD: {n_unlabelled} unlabelled frames, "
-                     f"{cfg.distill_steps} steps x 32")
+        lines.append(f"labelled task {cfg.labelled}: {len(split[0])} train / {len(split[1])} val images, crop "
+                     f"{cfg.size}, {cfg.finetune_iters} iterations per run; NMI-HAD: {n_unlabelled} unlabelled "
+                     f"frames, {cfg.distill_steps} steps x 32")
     else:
         lines.append(f"teacher {cfg.teacher_arch}: {cfg.teacher_iters} iterations on 2000 labelled scenes -> mIoU "
-                     f"{final_miou(out('teacher')):.1f}; distilled layer {layer} (mean NMI {means[layer - 1]:.3f})")
+                     f"{teacher_miou:.1f}; distilled layer {layer} (mean NMI {means[layer - 1]:.3f})")
         lines.append(f"students ({cfg.student}), {cfg.label_budget} labelled scenes, {cfg.finetune_iters} "
                      f"iterations each; NMI-HAD {cfg.distill_steps} steps x 32")
     for row, twin in same_as.items():
         lines.append(f"row '{row}' (layer {candidates[row]}) is the same layer as row '{twin}': not run twice")
     lines.append(f"seeds: {cfg.seeds} per student row, {cfg.teacher_seeds} for the teacher; "
                  f"{cfg.distill_seeds} distillation run(s) per layer: {distil_note}")
-    lines.append("")
-    for m, title in modes.items():
+    return lines + [""]
+
+
+def table_lines(rows, label, runs, stats, pairs, comparisons, layers):
+    """Per mode, one row per backbone: mean +- std, per seed, minus scratch [95% CI]; then the layer pairs."""
+    lines = []
+    for m, title in MODES.items():
         lines += [f"mIoU (%) on the validation images, {title}: mean +- std over seeds; student rows minus "
                   f"scratch seed by seed, mean [95% t-interval]", "",
                   "| backbone | mean +- std | per seed | minus scratch [95% CI] | excludes 0 |", "|---|---|---|---|---|"]
@@ -453,52 +444,154 @@ def main(argv=None):
     if comparisons:
         lines.append("Between layers, paired by seed, mean [95% t-interval]:")
         for a, b, why in pairs:
-            for m in modes:
+            for m in MODES:
                 c = comparisons[(a, b, m)]
                 excl = "" if c["excludes_zero"] is None else (
                     ": excludes 0" if c["excludes_zero"] else ": includes 0")
-                lines.append(f"  {a} - {b} (layer {layers[a]} - layer {layers[b]}, {why}), {modes[m]}: "
+                lines.append(f"  {a} - {b} (layer {layers[a]} - layer {layers[b]}, {why}), {MODES[m]}: "
                              f"{ci_text(c)}{excl}")
         lines.append("")
-    if curve:
-        lines += [f"Distillation length, layer {layer}, seed 0 (mIoU %): snapshots of ONE run of {curve[-1]} steps, "
-                  f"one cosine schedule over {schedule[curve[-1]]} steps, so the shorter snapshots are taken "
-                  f"mid-schedule (not annealed)" + (f"; that run is the rule's distillation run 0, and its {curve[-1]}-step "
-                                       f"point the rule's seed-0 row" if curve_shared else ""),
-                  "", "| distillation steps | fine-tune | linear probe |", "|---|---|---|"]
-        if "scratch" in rows:
-            lines.append(f"| 0 (scratch, seed 0) | {runs[('scratch', 'finetune')][0]:.1f} | "
-                         f"{runs[('scratch', 'linear')][0]:.1f} |")
-        for steps in curve:
-            lines.append(f"| {steps} | {curve_runs[steps]['finetune']:.1f} | {curve_runs[steps]['linear']:.1f} |")
-        lines.append("")
-    lines.append(f"commit {commit}" + (" (with uncommitted changes to tracked files)" if dirty else ""))
-    lines.append(f"command: python demo.py {' '.join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))}")
-    lines.append(f"wall time of this call {wall / 60:.1f} min ({len(run_now)} stages run now); "
-                 f"stage times add up to {sum(times.values()) / 60:.1f} min")
+    return lines
+
+
+def curve_lines(layer, curve, points, schedule, shared, runs, rows):
+    """The distillation-length table (seed 0), scratch as its zero point when that row ran."""
+    lines = [f"Distillation length, layer {layer}, seed 0 (mIoU %): snapshots of ONE run of {curve[-1]} steps, "
+             f"one cosine schedule over {schedule} steps, so the shorter snapshots are taken "
+             f"mid-schedule (not annealed)" + (f"; that run is the rule's distillation run 0, and its {curve[-1]}-step "
+                                  f"point the rule's seed-0 row" if shared else ""),
+             "", "| distillation steps | fine-tune | linear probe |", "|---|---|---|"]
+    if "scratch" in rows:
+        lines.append(f"| 0 (scratch, seed 0) | {runs[('scratch', 'finetune')][0]:.1f} | "
+                     f"{runs[('scratch', 'linear')][0]:.1f} |")
+    for steps in curve:
+        lines.append(f"| {steps} | {points[steps]['finetune']:.1f} | {points[steps]['linear']:.1f} |")
+    return lines + [""]
+
+
+def footer_lines(commit, dirty, argv, wall, times, ran):
+    """Commit, command and stage times: what reproduces the tables."""
+    lines = [f"commit {commit}" + (" (with uncommitted changes to tracked files)" if dirty else ""),
+             f"command: python demo.py {' '.join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))}",
+             f"wall time of this call {wall / 60:.1f} min ({len(ran)} stages run now); "
+             f"stage times add up to {sum(times.values()) / 60:.1f} min"]
     if times:
         lines.append("stage times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()))
-    report = "\n".join(lines)
+    return lines
+
+
+def write_results(folder, report, results):
+    """results.md (the report as printed) and results.json."""
     print("\n" + "=" * 96 + "\n" + report)
-    with open(out("results.md"), "w") as f:
+    with open(os.path.join(folder, "results.md"), "w") as f:
         f.write(report + "\n")
+    with open(os.path.join(folder, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    real = bool(cfg.teacher)
+    if cfg.fresh and os.path.isdir(cfg.out):
+        shutil.rmtree(cfg.out)
+    os.makedirs(cfg.out, exist_ok=True)
+    out = lambda *p: os.path.abspath(os.path.join(cfg.out, *p))
+    times, ran, t_start = {}, set(), time.time()
+    stage = functools.partial(run_stage, times, ran)
+
+    if not real:
+        # ------------------------------------------------------------ synthetic: a teacher trained from scratch
+        seg_args = ["--dataset", "synthetic", "--crop", cfg.size, "--eval-every", 0, "--log-every", 10,
+                    *script_args(cfg)]
+        teacher_ckpt, unlabelled, n_unlabelled, split = out("teacher", "ckpt.pt"), "", 2000, None
+        # --layer-scale 0: a plain ViT like the pre-trained teachers, so the vit_* preset loads it in the next stages
+        stage("teacher: train a ViT from scratch", "train_seg.py", *seg_args, "--model", cfg.teacher_arch,
+              "--iters", cfg.teacher_iters, "--lr", cfg.teacher_lr, "--layer-scale", 0, "--out", out("teacher"),
+              "--resume", "auto", done=out("teacher", "done"))
+        analyse_args = ["--img-size", cfg.size]
+        seg_args += ["--train-images", cfg.label_budget]
+    else:
+        # ------------------------------------------------------------ real: split, unlabelled frames
+        teacher_ckpt, unlabelled = os.path.abspath(cfg.teacher), out("unlabelled")
+        *split, n_unlabelled = prepare_real(cfg.labelled, cfg.classes, cfg.val_every, cfg.unlabelled,
+                                            out("split"), unlabelled)
+        seg_args = ["--dataset", "folder", "--data-root", os.path.abspath(cfg.labelled), "--img-dir", "images",
+                    "--label-dir", "labels", "--train-split", out("split", "train.txt"),
+                    "--val-split", out("split", "val.txt"), "--classes", cfg.classes, "--label-map", cfg.label_map,
+                    "--crop", cfg.size, "--eval-every", 0, "--log-every", 20, "--num-samples", 2, *script_args(cfg)]
+        analyse_args = ["--img-size", cfg.analyse_size or cfg.size, "--images", unlabelled]
+
+    # ---------------------------------------------------------------- the teacher's attention patterns
+    stage("analyse the teacher's attention", "analyze.py", "--checkpoint", teacher_ckpt, "--arch", cfg.teacher_arch,
+          "--num-images", cfg.analyse_images, *analyse_args, "--device", cfg.device, "--workers", 1, "--out", out("analyze"),
+          done=out("analyze", "done"))
+    nmi = json.load(open(out("analyze", "nmi.json")))
+    rows, layers, same_as, candidates = choose_rows(cfg.rows.split(","), nmi, cfg.control_layer)
+    layer = layers.get("rule", nmi["recommended_layer"])
+    curve = [int(v) for v in cfg.curve_steps.split(",") if v]
+    n_seeds = {r: cfg.teacher_seeds if r == "teacher" else cfg.seeds for r in rows}
+    distil_note = ("each seed re-runs distillation too" if cfg.distill_seeds >= cfg.seeds else
+                   "each seed re-runs fine-tuning only (one distillation per layer)" if cfg.distill_seeds == 1 else
+                   f"fine-tuning seed s uses distillation run s mod {cfg.distill_seeds}")
+
+    # A curve as long as the rows' distillation is the rule's first distillation run with snapshots: no extra run,
+    # and its last point is the rule's seed-0 fine-tuning.
+    curve_shared = bool(curve) and curve[-1] == cfg.distill_steps and "rule" in layers
+    curve_dir = out(f"student_l{layer}_s0") if curve_shared else out(f"curve_l{layer}")
+
+    # ---------------------------------------------------------------- NMI-HAD, then fine-tuning and probing
+    nmi_had = functools.partial(distil, stage, cfg, teacher_ckpt, unlabelled, n_unlabelled)
+    inits = {row: [nmi_had(layers[row], d, out(f"student_l{layers[row]}_s{d}"),
+                           keep=cfg.curve_steps if curve_shared and row == "rule" and d == 0 else "")
+                   for d in range(cfg.distill_seeds)] for row in layers}
+    run = lambda row, init, seed, mode, name: evaluate(stage, seg_args, cfg.finetune_iters, out(name), row, init,
+                                                       seed, mode)
+    runs = fine_tune_rows(run, rows, n_seeds, inits, cfg.distill_seeds, cfg.student, cfg.teacher_arch, teacher_ckpt)
+
+    # ---------------------------------------------------------------- distillation-length curve
+    # One run of the longest length with snapshots: the shorter ones sit inside its cosine schedule.
+    points = {}  # steps -> {mode: mIoU}
+    if curve:
+        if not curve_shared:
+            nmi_had(layer, 0, curve_dir, steps=curve[-1], keep=cfg.curve_steps,
+                    what=f", length curve: snapshots at steps {', '.join(map(str, curve))}")
+        points = curve_points(run, curve, curve_dir, curve_shared, runs, cfg.student)
+
+    # ---------------------------------------------------------------- statistics: paired by seed
+    stats, pairs, comparisons = paired_statistics(runs, rows, layers)
+
+    # ---------------------------------------------------------------- the tables
+    means = nmi["layers"]
+    kind = {"rule": f"the rule's: {nmi.get('layer_rule', 'after-peak')}",
+            "peak": "control" if cfg.control_layer else "NMI peak: local",
+            "closest": f"closest to {nmi.get('target', 0.09)} over all layers", "last": "last layer: global"}
+    label = {"scratch": f"{cfg.student} from scratch (random init)",
+             "teacher": f"the teacher {cfg.teacher_arch} itself"}
+    for r, l in layers.items():
+        label[r] = f"UNIP {cfg.student} <- layer {l} ({kind[r]}, NMI {means[l - 1]:.3f})"
+    commit, dirty = git_commit()
+    wall = time.time() - t_start
+    teacher_miou = None if real else final_miou(out("teacher"))
+    lines = setup_lines(cfg, nmi, layer, split, n_unlabelled, teacher_miou, same_as, candidates, distil_note)
+    lines += table_lines(rows, label, runs, stats, pairs, comparisons, layers)
+    if curve:
+        epochs, per_epoch = distil_epochs(curve[-1], n_unlabelled)
+        lines += curve_lines(layer, curve, points, epochs * per_epoch, curve_shared, runs, rows)
+    lines += footer_lines(commit, dirty, argv, wall, times, ran)
     ci_json = lambda d: {"/".join(k): v for k, v in d.items()}
-    with open(out("results.json"), "w") as f:
-        json.dump({"layers": layers, "same_as": same_as, "layer_nmi": means, "reason": nmi.get("reason"),
-                   "warning": nmi.get("warning"), "rows": rows, "labels": label, "seeds_note": distil_note,
-                   "runs": {f"{r}/{m}": v for (r, m), v in runs.items()}, "minus_scratch": ci_json(stats),
-                   "between_layers": ci_json(comparisons),
-                   "curve": {"layer": layer, "schedule_steps": curve[-1] if curve else None, "seed": 0,
-                             "folder": curve_dir if curve else None,
-                             "miou": {str(k): v for k, v in curve_runs.items()}},
-                   "config": dataclasses.asdict(cfg), "commit": commit, "uncommitted_changes": dirty,
-                   "seconds": times, "wall_seconds": wall}, f, indent=1)
+    write_results(out(), "\n".join(lines), {
+        "layers": layers, "same_as": same_as, "layer_nmi": means, "reason": nmi.get("reason"),
+        "warning": nmi.get("warning"), "rows": rows, "labels": label, "seeds_note": distil_note,
+        "runs": {f"{r}/{m}": v for (r, m), v in runs.items()}, "minus_scratch": ci_json(stats),
+        "between_layers": ci_json(comparisons),
+        "curve": {"layer": layer, "schedule_steps": curve[-1] if curve else None, "seed": 0,
+                  "folder": curve_dir if curve else None, "miou": {str(k): v for k, v in points.items()}},
+        "config": dataclasses.asdict(cfg), "commit": commit, "uncommitted_changes": dirty,
+        "seconds": times, "wall_seconds": wall})
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except subprocess.CalledProcessError as e:  # the stage printed its own error above
-        raise SystemExit(f"error: {os.path.basename(e.cmd[1])} failed (exit status {e.returncode}), see above") from None
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+    common.run(main)
