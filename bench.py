@@ -35,13 +35,11 @@ Conventions.
     so every case is measured on its own in one process. Loader workers are other processes: not counted.
 """
 
-import argparse
+import contextlib
 import copy
 import ctypes
-import dataclasses
 import functools
 import gc
-import inspect
 import json
 import re
 import statistics
@@ -55,9 +53,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, Subset
 from torch.utils.flop_counter import FlopCounterMode
 
+import common
 import data
 import unip
-from train_pretrain import AttentionLogits
 
 
 @dataclass
@@ -89,15 +87,23 @@ class Config:
 
 def parse_config(argv=None):
     # The command line is the dataclass: --seg-batch for seg_batch, help from the trailing comment.
-    helps = dict(re.findall(r"^\s+(\w+):.*?#\s*(.+)$", inspect.getsource(Config), re.M))
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Config):
-        flag, h = "--" + f.name.replace("_", "-"), f"{helps.get(f.name, '')} (default: {f.default!r})"
-        if f.type is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=h)
-        else:
-            p.add_argument(flag, type=type(f.default), default=f.default, help=h)
-    return Config(**vars(p.parse_args(argv)))
+    return common.parse_config(Config, argv, __doc__)
+
+
+SECTIONS = ("pretrain", "seg", "slide", "nmi", "data")
+
+
+def parse_pairs(text):
+    """--pairs 'student=teacher@layer,...' -> [(student, teacher, layer), ...], the presets checked."""
+    try:
+        pairs = [(s, t, int(layer)) for s, t, layer in (re.fullmatch(r"(\w+)=(\w+)@(\d+)", p.strip()).groups()
+                                                     for p in text.split(","))]
+    except AttributeError:
+        raise SystemExit(f"--pairs {text!r}: expected student=teacher@layer[,...], e.g. vit_small=vit_large@18")
+    unknown = sorted({a for s, t, _ in pairs for a in (s, t)} - set(unip.PRESETS))
+    if unknown:
+        raise SystemExit(f"--pairs: unknown presets {unknown}; choose from {sorted(unip.PRESETS)}")
+    return pairs
 
 
 # -----------------------------------------------------------------------------
@@ -268,6 +274,34 @@ def time_loader(dataset, batch, workers):
     return dt
 
 
+def make_row(section, case, path, n, seconds, mem, peak, flops_per_img=None, amp=None, **extra):
+    """One result row: n images in `seconds` per step, `mem` peak bytes; MFU against peak[amp] (TFLOP/s)."""
+    row = {"section": section, "case": case, "path": path, "amp": amp, "batch": n, "img_per_s": n / seconds,
+           "ms_per_step": 1e3 * seconds, "mem_gb": None if mem is None else mem / 2**30,
+           "gflop_per_img": flops_per_img and flops_per_img / 1e9, "tflops": None, "mfu_pct": None, **extra}
+    if flops_per_img:
+        row["tflops"] = flops_per_img * n / seconds / 1e12
+        row["mfu_pct"] = peak[amp] and 100 * row["tflops"] / peak[amp]
+    return row
+
+
+def case_rows(section, case, n, results, peak, flops_per_img=None):
+    """results {(path, amp): (s/step, peak bytes, round times)} of one case -> a row each, with fast/naive
+    in each precision and 'x fp32', the speed against the case's fp32 baseline (its naive path where it has
+    one), both round by round."""
+    base = results.get(("naive", "none")) or results.get(("fast", "none"))
+    rows = []
+    for (path, amp), (sec, mem, times) in results.items():
+        naive = results.get(("naive", amp)) if path == "fast" else None
+        rows.append(make_row(section, case, path, n, sec, mem, peak, flops_per_img, amp,
+                             speedup=naive and round_ratio(naive[2], times), vs_fp32=base and round_ratio(base[2], times)))
+    return rows
+
+
+def row_text(row):  # the line printed as each row is measured
+    return " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if v is not None)
+
+
 def markdown(rows):
     cols = ["section", "case", "path", "amp", "batch", "img/s", "ms/step", "peak GB", "GFLOP/img", "TFLOP/s", "MFU %",
             "fast/naive", "x fp32"]
@@ -281,6 +315,132 @@ def markdown(rows):
 
 
 # -----------------------------------------------------------------------------
+# the steps measured: each builder makes its models and inputs and returns step()
+
+
+def low_dtype(amp):  # the autocast dtype of a precision
+    return torch.float16 if amp == "fp16" else torch.bfloat16
+
+
+def prototype(protos, seed, arch, **kw):
+    """One CPU prototype per configuration, cached in `protos`, built before its cases are measured."""
+    key = (arch, *sorted(kw.items()))
+    if key not in protos:
+        torch.manual_seed(seed)
+        protos[key] = unip.PRESETS[arch](**kw)
+    return protos[key]
+
+
+def pretrain_step(t_proto, s_proto, layer, device, batch, img, naive, amp, autocast, compile_backend=None):
+    """One NMI-HAD step: the teacher's logits at `layer` under no_grad, the student's at its last block,
+    distill_loss, backward, AdamW. naive: the reference's way (naive_logits); else train_pretrain.py's."""
+    teacher = clone(t_proto, device, depth=layer).eval().requires_grad_(False)  # stops at the distilled layer
+    if not naive and amp != "none":  # as train_pretrain.py keeps it: weights in the autocast dtype, q/k fp32
+        unip.autocast_weights_(teacher, low_dtype(amp), keep=[teacher.blocks[-1].attn.qkv])
+    student = clone(s_proto, device).train()
+    depth = len(student.blocks)
+    if naive:  # the reference: explicit attention everywhere, nothing frozen, AdamW not fused
+        student_fn = lambda x: naive_logits(student, x, depth)
+        teacher_fn = lambda x: naive_logits(teacher, x, layer)
+    else:  # train_pretrain.py: freeze what gets no gradient, logits-only wrappers, fused AdamW
+        last = student.blocks[-1]
+        for m in (last.attn.proj, last.norm2, last.mlp, student.norm):
+            m.requires_grad_(False)
+        # the student trains: SDPA unless CPU bf16, where the explicit product trains faster; the frozen
+        # teacher keeps SDPA
+        unip.set_fused_attention(student, unip.sdpa_for_training(device, amp))
+        student_fn, teacher_fn = unip.AttentionLogits(student, depth), unip.AttentionLogits(teacher, layer)
+        if compile_backend:
+            compiled = functools.partial(torch.compile, backend=compile_backend)
+            student_fn, teacher_fn = compiled(student_fn), compiled(teacher_fn)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1], "weight_decay": 0.05},
+                             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
+                            lr=1e-4, betas=(0.9, 0.95), fused=device.type in ("cuda", "cpu") and not naive)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    x = torch.randn(batch, 3, img, img, device=device)
+
+    def step():
+        with autocast():
+            with torch.no_grad():
+                target = teacher_fn(x)  # (B, H, N, N)
+            loss = unip.distill_loss(student_fn(x), target)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def seg_loss(logits, y):  # as train_seg.py: cross-entropy of the logits upsampled to the label
+    logits = F.interpolate(logits.float(), size=y.shape[-2:], mode="bilinear", align_corners=False)
+    return F.cross_entropy(logits, y, ignore_index=255)
+
+
+def seg_step(seg_proto, device, crop, num_classes, n, amp, autocast, compile_backend=None, optimise=True):
+    """One fine-tuning step of the segmenter on n random crops: forward, loss with the auxiliary head,
+    backward, layer-decay AdamW (optimise=False: up to the backward, for counting FLOPs)."""
+    seg = clone(seg_proto, device).train()
+    unip.set_fused_attention(seg, unip.sdpa_for_training(device, amp))  # as train_seg.py fine-tunes the backbone
+    model = torch.compile(seg, backend=compile_backend) if (compile_backend and optimise) else seg
+    opt = torch.optim.AdamW(unip.layer_decay_groups(seg), lr=1e-4, betas=(0.9, 0.999), fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    x = torch.randn(n, 3, crop, crop, device=device)
+    y = torch.randint(0, num_classes, (n, crop, crop), device=device)
+
+    def step():
+        with autocast():
+            out, aux = model(x)  # (B, K, S/4, S/4), (B, K, S/16, S/16)
+        loss = seg_loss(out, y) + 0.4 * seg_loss(aux, y)
+        scaler.scale(loss).backward()
+        if optimise:
+            scaler.step(opt)
+            scaler.update()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def slide_step(seg_proto, device, H, W, window, stride, num_classes, autocast):
+    """Sliding-window inference of one random H x W image (no gradients: SDPA)."""
+    seg = clone(seg_proto, device).eval()
+    x = torch.randn(1, 3, H, W, device=device)
+
+    def step():
+        with autocast():
+            unip.slide_inference(seg, x, num_classes, window, stride)  # (1, K, H, W)
+    return step
+
+
+def nmi_step(vit_proto, device, img, n, autocast):
+    """NMI of every head of every layer on n random images."""
+    vit = clone(vit_proto, device).eval()
+    x = torch.randn(n, 3, img, img, device=device)
+
+    def step():
+        with autocast():
+            unip.layer_nmi(vit, x)  # (L, B, H)
+    return step
+
+
+def loader_sets(img, n, seed, infrared=""):
+    """[(name, dataset)] the data section times: SyntheticThermal, and an InfMix folder if given."""
+    tf = data.PretrainTransform(img)
+    sets = [("SyntheticThermal 256x320", data.SyntheticThermal("train", num_images=n, transform=tf, seed=seed))]
+    if infrared:
+        mix = data.InfMix(infrared=infrared, transform=tf, seed=seed)
+        sets.append((f"InfMix {infrared}", Subset(mix, range(min(n, len(mix))))))
+    return sets
+
+
+def write_json(path, result):  # '-': stdout
+    if path == "-":
+        print(json.dumps(result, indent=1))
+    else:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+# -----------------------------------------------------------------------------
 
 
 def main(argv=None):
@@ -291,8 +451,8 @@ def main(argv=None):
     workers = cfg.workers if cfg.workers >= 0 else (2 if q else 8)
     teachers = [(arch, int(layer)) for arch, layer in (t.split("@") for t in cfg.teachers.split(","))]
     sections = set(cfg.only.split(","))
-    if sections - {"pretrain", "seg", "slide", "nmi", "data"}:
-        raise SystemExit(f"--only: unknown sections {sorted(sections - {'pretrain', 'seg', 'slide', 'nmi', 'data'})}")
+    if sections - set(SECTIONS):
+        raise SystemExit(f"--only: unknown sections {sorted(sections - set(SECTIONS))}")
     out = sys.stderr if cfg.json == "-" else sys.stdout  # with --json -, stdout carries the JSON alone
     say = lambda *a: print(*a, file=out, flush=True)
 
@@ -306,120 +466,55 @@ def main(argv=None):
     # a CPU is ~100x slower than a GPU: fewer steps, no ViT-B student
     warmup, reps = cfg.warmup or (5 if cuda and not q else 1), cfg.reps or (2 if q else 20 if cuda else 7)
     students = (cfg.students or ("vit_tiny,vit_small,vit_base" if cuda and not q else "vit_tiny,vit_small")).split(",")
-    pairs = None
-    if cfg.pairs:  # chosen cases instead of every student with every teacher
-        try:
-            pairs = [(s, t, int(layer)) for s, t, layer in (re.fullmatch(r"(\w+)=(\w+)@(\d+)", p.strip()).groups()
-                                                         for p in cfg.pairs.split(","))]
-        except AttributeError:
-            raise SystemExit(f"--pairs {cfg.pairs!r}: expected student=teacher@layer[,...], e.g. vit_small=vit_large@18")
-        unknown = sorted({a for s, t, _ in pairs for a in (s, t)} - set(unip.PRESETS))
-        if unknown:
-            raise SystemExit(f"--pairs: unknown presets {unknown}; choose from {sorted(unip.PRESETS)}")
+    pairs = parse_pairs(cfg.pairs) if cfg.pairs else None  # chosen cases instead of every student with every teacher
+    if pairs:
         students = list(dict.fromkeys(s for s, _, _ in pairs))
         teachers = list(dict.fromkeys((t, layer) for _, t, layer in pairs))
-    why = dict(unip.resolve_amp(a, device) for a in cfg.amp.split(","))  # {precision: why}, in order, no repeats
+    why, autocast = {}, {}  # per precision, in order, no repeats: why it runs, its autocast() (TF32 on CUDA)
+    for a in cfg.amp.split(","):
+        amp, why_amp, autocast_amp = common.precision(a, device)
+        why[amp], autocast[amp] = why_amp, autocast_amp
     amps = list(why)
-    low = lambda amp: torch.float16 if amp == "fp16" else torch.bfloat16
-    autocast = lambda amp: torch.autocast(device.type, low(amp), enabled=amp != "none")
     if cuda:
         torch.cuda.set_device(device.index or 0)  # plain 'cuda': GPU 0 (set_device wants an index)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train_pretrain.py
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     peak = {amp: peak_tflops(device, amp, cfg.peak_tflops) for amp in amps}
     timed = functools.partial(measure, device=device, warmup=warmup, reps=reps,
                               clock=time.process_time if cfg.cpu_time and not cuda else time.perf_counter)
+    compile_backend = cfg.compile and cfg.compile_backend  # the fast paths only
     dev_name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
     say(json.dumps(asdict(cfg), indent=1))
     say(f"device {dev_name} | torch {torch.__version__} | amp {', '.join(f'{a} ({w})' for a, w in why.items())} | "
-        f"compile {cfg.compile and cfg.compile_backend} | peak {' / '.join(str(p or '?') for p in peak.values())} TFLOP/s | "
+        f"compile {compile_backend} | peak {' / '.join(str(p or '?') for p in peak.values())} TFLOP/s | "
         f"batch {batch} @ {img}px, seg {seg_batch} @ {seg_img}px | warm-up {warmup}, reps {reps}"
         + (" | CPU time" if cfg.cpu_time and not cuda else ""))
-    rows = []
+    rows, protos = [], {}
 
-    def add(section, case, path, n, seconds, mem, flops_per_img=None, amp=None, **extra):
-        row = {"section": section, "case": case, "path": path, "amp": amp, "batch": n, "img_per_s": n / seconds,
-               "ms_per_step": 1e3 * seconds, "mem_gb": None if mem is None else mem / 2**30,
-               "gflop_per_img": flops_per_img and flops_per_img / 1e9, "tflops": None, "mfu_pct": None, **extra}
-        if flops_per_img:
-            row["tflops"] = flops_per_img * n / seconds / 1e12
-            row["mfu_pct"] = peak[amp] and 100 * row["tflops"] / peak[amp]
-        rows.append(row)
-        say(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if v is not None))
-        return row
-
-    def add_case(section, case, n, results, flops_per_img=None):
-        """results {(path, amp): (s/step, peak bytes, round times)} of one case -> a row each, with fast/naive
-        in each precision and 'x fp32', the speed against the case's fp32 baseline (its naive path where it has
-        one), both round by round."""
-        base = results.get(("naive", "none")) or results.get(("fast", "none"))
-        for (path, amp), (sec, mem, times) in results.items():
-            naive = results.get(("naive", amp)) if path == "fast" else None
-            add(section, case, path, n, sec, mem, flops_per_img, amp,
-                speedup=naive and round_ratio(naive[2], times), vs_fp32=base and round_ratio(base[2], times))
-
-    protos = {}
-
-    def proto(arch, **kw):  # one CPU prototype per configuration, built before its cases are measured
-        key = (arch, *sorted(kw.items()))
-        if key not in protos:
-            torch.manual_seed(cfg.seed)
-            protos[key] = unip.PRESETS[arch](**kw)
-        return protos[key]
+    def add(new):  # keep the rows, print each
+        for row in new:
+            rows.append(row)
+            say(row_text(row))
 
     # ---------------------------------------------------------------- pre-training: NMI-HAD step, fast and naive
-    def pretrain_step(t_proto, s_proto, layer, naive, amp):
-        teacher = clone(t_proto, device, depth=layer).eval().requires_grad_(False)  # stops at the distilled layer
-        if not naive and amp != "none":  # as train_pretrain.py keeps it: weights in the autocast dtype, q/k fp32
-            unip.autocast_weights_(teacher, low(amp), keep=[teacher.blocks[-1].attn.qkv])
-        student = clone(s_proto, device).train()
-        depth = len(student.blocks)
-        if naive:  # the reference: explicit attention everywhere, nothing frozen, AdamW not fused
-            student_fn = lambda x: naive_logits(student, x, depth)
-            teacher_fn = lambda x: naive_logits(teacher, x, layer)
-        else:  # train_pretrain.py: freeze what gets no gradient, logits-only wrappers, fused AdamW
-            last = student.blocks[-1]
-            for m in (last.attn.proj, last.norm2, last.mlp, student.norm):
-                m.requires_grad_(False)
-            student_fn, teacher_fn = AttentionLogits(student, depth), AttentionLogits(teacher, layer)
-            if cfg.compile:
-                compiled = functools.partial(torch.compile, backend=cfg.compile_backend)
-                student_fn, teacher_fn = compiled(student_fn), compiled(teacher_fn)
-        params = [p for p in student.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1], "weight_decay": 0.05},
-                                 {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
-                                lr=1e-4, betas=(0.9, 0.95), fused=device.type in ("cuda", "cpu") and not naive)
-        scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-        x = torch.randn(batch, 3, img, img, device=device)
-
-        def step():
-            with autocast(amp):
-                with torch.no_grad():
-                    target = teacher_fn(x)  # (B, H, N, N)
-                loss = unip.distill_loss(student_fn(x), target)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-        return step
-
     if "pretrain" in sections:
         for teacher_arch, layer in teachers:
             for student_arch in students:
                 if pairs and (student_arch, teacher_arch, layer) not in pairs:
                     continue
-                t_proto = proto(teacher_arch, img_size=img)
+                t_proto = prototype(protos, cfg.seed, teacher_arch, img_size=img)
                 heads = t_proto.blocks[layer - 1].attn.heads  # the student's last block gets the teacher's heads
-                s_proto = proto(student_arch, img_size=img, drop_path=0.1, last_heads=heads)
+                s_proto = prototype(protos, cfg.seed, student_arch, img_size=img, drop_path=0.1, last_heads=heads)
                 # analytic model FLOPs per image: teacher forward + student forward and backward (= 2x forward)
                 flops = vit_flops(t_proto, img, layer) + 3 * vit_flops(s_proto, img, "last")
                 if cfg.compile:  # a fresh start per case: dynamo recompiles a function at most 8 times
                     torch._dynamo.reset()
+                case = functools.partial(pretrain_step, t_proto, s_proto, layer, device, batch, img)
                 if not rows:  # one untimed step first, so that the first case does not also pay the process's
-                    pretrain_step(t_proto, s_proto, layer, True, amps[0])()  # one-time costs (pages, workspaces)
-                builds = {(path, amp): functools.partial(pretrain_step, t_proto, s_proto, layer, path == "naive", amp)
+                    case(True, amps[0], autocast[amps[0]])()  # one-time costs (pages, workspaces)
+                builds = {(path, amp): functools.partial(case, path == "naive", amp, autocast[amp],
+                                                         compile_backend=compile_backend)
                           for amp in amps for path in ("fast", "naive")}
-                add_case("pretrain", f"{student_arch} <- {teacher_arch}@{layer}", batch, timed(builds), flops)
+                add(case_rows("pretrain", f"{student_arch} <- {teacher_arch}@{layer}", batch, timed(builds), peak, flops))
 
     # ---------------------------------------------------------------- fine-tuning step: ViT-S + LL-FPN + UperNet
     num_classes = 21  # SODA
@@ -427,101 +522,49 @@ def main(argv=None):
         torch.manual_seed(cfg.seed)
         backbone = unip.vit_small(img_size=seg_img, drop_path=0.1, drop_path_schedule="linear")
         seg_proto = unip.Segmenter(backbone, num_classes)  # LL-FPN + UperNet + auxiliary FCN head
-
-    def seg_loss(logits, y):  # as train_seg.py: cross-entropy of the logits upsampled to the label
-        logits = F.interpolate(logits.float(), size=y.shape[-2:], mode="bilinear", align_corners=False)
-        return F.cross_entropy(logits, y, ignore_index=255)
-
-    def seg_step(n, amp, optimise=True):
-        seg = clone(seg_proto, device).train()
-        model = torch.compile(seg, backend=cfg.compile_backend) if (cfg.compile and optimise) else seg
-        opt = torch.optim.AdamW(unip.layer_decay_groups(seg), lr=1e-4, betas=(0.9, 0.999), fused=cuda)
-        scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-        x = torch.randn(n, 3, seg_img, seg_img, device=device)
-        y = torch.randint(0, num_classes, (n, seg_img, seg_img), device=device)
-
-        def step():
-            with autocast(amp):
-                out, aux = model(x)  # (B, K, S/4, S/4), (B, K, S/16, S/16)
-            loss = seg_loss(out, y) + 0.4 * seg_loss(aux, y)
-            scaler.scale(loss).backward()
-            if optimise:
-                scaler.step(opt)
-                scaler.update()
-            opt.zero_grad(set_to_none=True)
-        return step
-
     if "seg" in sections:
-        flops = counted_flops(seg_step(2, "none", optimise=False)) / 2  # on 2 images: BatchNorm needs more than 1
-        builds = {("fast", amp): functools.partial(seg_step, seg_batch, amp) for amp in amps}
-        add_case("seg", f"vit_small LL-FPN UperNet {seg_img}px", seg_batch, timed(builds), flops)
+        case = functools.partial(seg_step, seg_proto, device, seg_img, num_classes)
+        flops = counted_flops(case(2, "none", contextlib.nullcontext, optimise=False)) / 2  # BatchNorm needs 2 images
+        builds = {("fast", amp): functools.partial(case, seg_batch, amp, autocast[amp], compile_backend=compile_backend)
+                  for amp in amps}
+        add(case_rows("seg", f"vit_small LL-FPN UperNet {seg_img}px", seg_batch, timed(builds), peak, flops))
 
     # ---------------------------------------------------------------- sliding-window inference
     if "slide" in sections:
         H, W, stride = seg_img, round(seg_img * 683 / 512), seg_img * 2 // 3  # 512x683: two windows, stride 341
-
-        def slide_step(amp):
-            seg = clone(seg_proto, device).eval()
-            x = torch.randn(1, 3, H, W, device=device)
-
-            def step():
-                with autocast(amp):
-                    unip.slide_inference(seg, x, num_classes, seg_img, stride)  # (1, K, H, W)
-            return step
-        flops = counted_flops(slide_step("none"))
-        builds = {("fast", amp): functools.partial(slide_step, amp) for amp in amps}
-        add_case("slide", f"vit_small {H}x{W}, window {seg_img}/{stride}", 1, timed(builds), flops)
+        case = functools.partial(slide_step, seg_proto, device, H, W, seg_img, stride, num_classes)
+        flops = counted_flops(case(contextlib.nullcontext))
+        builds = {("fast", amp): functools.partial(case, autocast[amp]) for amp in amps}
+        add(case_rows("slide", f"vit_small {H}x{W}, window {seg_img}/{stride}", 1, timed(builds), peak, flops))
 
     # ---------------------------------------------------------------- NMI analysis: every layer, every head
-    def nmi_step(vit_proto, n, amp):
-        vit = clone(vit_proto, device).eval()
-        x = torch.randn(n, 3, img, img, device=device)
-
-        def step():
-            with autocast(amp):
-                unip.layer_nmi(vit, x)  # (L, B, H)
-        return step
-
     if "nmi" in sections:
         for arch in ("vit_base", "vit_large"):
-            vit_proto = proto(arch, img_size=img)
-            flops = counted_flops(nmi_step(vit_proto, 1, "none"))
-            builds = {("fast", amp): functools.partial(nmi_step, vit_proto, batch, amp) for amp in amps}
-            add_case("nmi", f"{arch} all layers {img}px", batch, timed(builds), flops)
+            vit_proto = prototype(protos, cfg.seed, arch, img_size=img)
+            flops = counted_flops(nmi_step(vit_proto, device, img, 1, contextlib.nullcontext))
+            builds = {("fast", amp): functools.partial(nmi_step, vit_proto, device, img, batch, autocast[amp])
+                      for amp in amps}
+            add(case_rows("nmi", f"{arch} all layers {img}px", batch, timed(builds), peak, flops))
     protos.clear()
 
     # ---------------------------------------------------------------- data loader alone
     if "data" in sections:
         data_batch = 4 if q else 32
         n = 4 * max(workers, 1) * data_batch  # enough for the untimed wave and three timed ones
-        tf = data.PretrainTransform(img)
-        sets = [("SyntheticThermal 256x320", data.SyntheticThermal("train", num_images=n, transform=tf, seed=cfg.seed))]
-        if cfg.infrared:
-            mix = data.InfMix(infrared=cfg.infrared, transform=tf, seed=cfg.seed)
-            sets.append((f"InfMix {cfg.infrared}", Subset(mix, range(min(n, len(mix))))))
-        for name, ds in sets:
+        for name, ds in loader_sets(img, n, cfg.seed, cfg.infrared):
             if len(ds) < n:
                 say(f"data: {name} has {len(ds)} images, fewer than the {n} needed; skipped")
                 continue
             dt = time_loader(ds, data_batch, workers)
-            add("data", f"{name} -> {img}px, {workers} workers", "loader", data_batch, dt, None)
+            add([make_row("data", f"{name} -> {img}px, {workers} workers", "loader", data_batch, dt, None, peak)])
 
     # ---------------------------------------------------------------- report
-    table = markdown(rows)
-    say("\n" + table)
+    say("\n" + markdown(rows))
     if cfg.json:
-        result = {"device": dev_name, "torch": torch.__version__, "cuda": torch.version.cuda, "amp": why, "peak_tflops": peak,
-                  "config": asdict(cfg), "rows": rows}
-        if cfg.json == "-":
-            print(json.dumps(result, indent=1))
-        else:
-            with open(cfg.json, "w") as f:
-                json.dump(result, f, indent=1)
+        write_json(cfg.json, {"device": dev_name, "torch": torch.__version__, "cuda": torch.version.cuda, "amp": why,
+                              "peak_tflops": peak, "config": asdict(cfg), "rows": rows})
     return rows
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except unip.USER_ERRORS as e:  # a missing file, a damaged checkpoint, a bad setting: one line, no traceback
-        raise SystemExit(f"error: {e}") from None
+    common.run(main)

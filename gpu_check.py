@@ -28,11 +28,8 @@ bench rows), summary.md, a log per part and the runs' log.jsonl files; checkpoin
 folder unless given). Exit status 0 only when every part passed.
 """
 
-import argparse
 import contextlib
 import copy
-import dataclasses
-import inspect
 import json
 import math
 import os
@@ -49,8 +46,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
+import common
 import data
 import unip
 
@@ -86,15 +85,7 @@ PART_LIMITS = {"numerics": 120, "pretrain": 180, "seg": 150, "predict": 90, "ben
 
 def parse_config(argv=None):
     # The command line is the dataclass: --compile-pairs for compile_pairs, help from the trailing comment.
-    helps = dict(re.findall(r"^\s+(\w+):.*?#\s*(.+)$", inspect.getsource(Config), re.M))
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Config):
-        flag, h = "--" + f.name.replace("_", "-"), f"{helps.get(f.name, '')} (default: {f.default!r})"
-        if f.type is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=h)
-        else:
-            p.add_argument(flag, type=type(f.default), default=f.default, help=h)
-    cfg = Config(**vars(p.parse_args(argv)))
+    cfg = common.parse_config(Config, argv, __doc__)
     unknown = set(cfg.parts.split(",")) - set(PART_LIMITS)
     if unknown:
         raise SystemExit(f"--parts: unknown parts {sorted(unknown)}; choose from {','.join(PART_LIMITS)}")
@@ -118,6 +109,10 @@ def autocast(device, amp):
     return torch.autocast(device.type, AMPS[amp] or torch.bfloat16, enabled=amp != "fp32")
 
 
+def trains_on_sdpa(device, amp):  # unip.sdpa_for_training in this file's precision names ('fp32' is its 'none')
+    return unip.sdpa_for_training(device, "none" if amp == "fp32" else amp)
+
+
 def rel_err(a, ref):
     """max |a - ref| / max |ref|: error on the scale of the tensor (float64)."""
     a, ref = a.double(), ref.double()
@@ -137,8 +132,8 @@ ERR_FLOOR = {"fp32": 1e-5, "bf16": 1e-3, "fp16": 1e-4}
 
 
 def check_sdpa(device, dim, heads, B, N, amp, backend, seed=0):
-    """unip.Attention.forward (SDPA, forced to one kernel) against its explicit softmax(q·kᵀ)·v path
-    (forward_with_attention), forward and backward, under `amp` autocast. The reference is the explicit path
+    """unip.Attention.forward on SDPA (fused=True, forced to one kernel) against its explicit softmax(q·kᵀ)·v
+    path (fused=False), forward and backward, under `amp` autocast. The reference is the explicit path
     in float64; the kernel passes when its error is at most twice the explicit path's own error in the same
     precision plus ERR_FLOOR[amp] (as FlashAttention's own tests compare). Returns (status, detail)."""
     from torch.nn.attention import sdpa_kernel
@@ -151,14 +146,14 @@ def check_sdpa(device, dim, heads, B, N, amp, backend, seed=0):
     def run(module, x, amp, explicit, ctx=contextlib.nullcontext()):  # -> [y, dx, dWqkv, dWproj] (float64)
         x = x.detach().clone().requires_grad_(True)
         module.zero_grad(set_to_none=True)
+        module.fused = not explicit
         with ctx, autocast(device, amp):
-            y = module.forward_with_attention(x)[0] if explicit else module(x)
+            y = module(x)
         (y.double() * g.to(y.device, torch.float64)).sum().backward()
         return [t.detach().double() for t in (y, x.grad, module.qkv.weight.grad, module.proj.weight.grad)]
 
-    q_like = torch.empty(1, device=device, dtype=AMPS[amp] or torch.float32, requires_grad=True)
-    if not unip.use_sdpa(q_like):
-        return "SKIP", f"unip.use_sdpa: {device.type} {amp} training runs the explicit path, not SDPA"
+    if not trains_on_sdpa(device, amp):
+        return "SKIP", f"unip.sdpa_for_training: {device.type} {amp} training runs the explicit path, not SDPA"
     ref = run(copy.deepcopy(attn).double(), x0.double(), "fp32", explicit=True)
     low = run(attn, x0, amp, explicit=True)
     with warnings.catch_warnings(record=True) as caught:
@@ -232,13 +227,19 @@ def check_distill_loss(device, B, H, N, amp, seed=0):
     return ("PASS" if ok else "FAIL"), f"loss {str(loss.dtype)[6:]} {loss.item():.5f}, rel err {e_loss:.1e}; grad err {e_grad:.1e}"
 
 
+def seg_loss(logits, label, ignore_index=255):
+    """train_seg.py's loss (a test holds the two equal): cross-entropy of the logits upsampled bilinearly to
+    the label, averaged over all pixels, ignored ones counting 0."""
+    logits = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear", align_corners=False)
+    return F.cross_entropy(logits, label, ignore_index=ignore_index, reduction="none").mean()
+
+
 class PretrainStep:
     """One NMI-HAD step as train_pretrain.py runs it: the teacher cut at `layer` and stored in the autocast
     dtype, the last-block parts that get no gradient frozen, logits-only wrappers, fused AdamW, GradScaler
     for fp16. Random images of the batch, already on the device."""
 
     def __init__(self, device, teacher_arch, layer, student_arch, img, B, amp, seed=0):
-        from train_pretrain import AttentionLogits
         torch.manual_seed(seed)
         teacher = unip.PRESETS[teacher_arch](img_size=img)
         del teacher.blocks[layer:]
@@ -247,6 +248,8 @@ class PretrainStep:
             unip.autocast_weights_(teacher, AMPS[amp], keep=[teacher.blocks[layer - 1].attn.qkv])
         heads = teacher.blocks[layer - 1].attn.heads
         self.student = unip.PRESETS[student_arch](img_size=img, drop_path=0.1, last_heads=heads).to(device).train()
+        # as train_pretrain.py: the student's attention by sdpa_for_training, the frozen teacher's SDPA
+        unip.set_fused_attention(self.student, trains_on_sdpa(device, amp))
         last = self.student.blocks[-1]
         self.frozen = (last.attn.proj, last.norm2, last.mlp, self.student.norm)
         for m in self.frozen:
@@ -254,8 +257,8 @@ class PretrainStep:
         self.params = [p for p in self.student.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-        self.student_fn = AttentionLogits(self.student, len(self.student.blocks))
-        self.teacher_fn = AttentionLogits(teacher, layer)
+        self.student_fn = unip.AttentionLogits(self.student, len(self.student.blocks))
+        self.teacher_fn = unip.AttentionLogits(teacher, layer)
         self.x = torch.randn(B, 3, img, img, device=device)
         self.device, self.amp = device, amp
 
@@ -311,9 +314,9 @@ def check_pretrain_step(device, teacher_arch, layer, student_arch, img, B, amp, 
 def check_seg_step(device, arch, crop, B, amp, seed=0):
     """One fine-tuning step as train_seg.py runs it (ViT + LL-FPN + UperNet + auxiliary head, layer-decay AdamW,
     GradScaler for fp16): finite loss and gradients on every trainable weight."""
-    from train_seg import seg_loss
     torch.manual_seed(seed)
     backbone = unip.PRESETS[arch](img_size=crop, drop_path=0.1, drop_path_schedule="linear", layer_scale=1.0)
+    unip.set_fused_attention(backbone, trains_on_sdpa(device, amp))  # as train_seg.py fine-tunes it
     seg = unip.Segmenter(backbone, 21).to(device).train()
     opt = torch.optim.AdamW(unip.layer_decay_groups(seg), lr=1e-4, fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")

@@ -1,5 +1,6 @@
 """Tests of bench.py: the analytic FLOP counts, the naive path against the fast one, a quick run; and of the
-precision the fast paths run in: --amp auto, the explicit attention of CPU bf16 training, bf16 against fp32."""
+precision the fast paths run in: --amp auto, the explicit attention of CPU bf16 training (the `fused` switch
+set by sdpa_for_training), bf16 against fp32."""
 import json
 import math
 import os
@@ -9,10 +10,11 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import bench
+import common
 import unip
-from train_pretrain import AttentionLogits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -183,27 +185,97 @@ def cosine(a, b):
     return torch.nn.functional.cosine_similarity(a.flatten().float(), b.flatten().float(), dim=0).item()
 
 
-def test_cpu_bf16_training_takes_explicit_attention_as_accurate_as_sdpa(monkeypatch):
-    q = torch.zeros(1, 1, 4, 8, dtype=torch.bfloat16, requires_grad=True)
-    assert not unip.use_sdpa(q)  # CPU, bf16, gradients: the explicit product
-    assert unip.use_sdpa(q.detach()) and unip.use_sdpa(q.float())  # no gradients, or fp32: SDPA
+def test_only_cpu_bf16_training_leaves_sdpa_and_the_switch_reaches_every_attention():
+    assert not unip.sdpa_for_training("cpu", "bf16")  # CPU, bf16, training: the explicit product
+    assert unip.sdpa_for_training("cpu", "none") and unip.sdpa_for_training(torch.device("cpu"), "fp16")
+    assert unip.sdpa_for_training("cuda", "bf16") and unip.sdpa_for_training("cuda:1", "none")
+    vit = unip.ViT(img_size=32, dim=48, depth=3, heads=3, last_heads=4)
+    seg = unip.Segmenter(unip.ViT(img_size=32, dim=48, depth=2, heads=3), 5)
+    for model, n in ((vit, 3), (seg, 2)):
+        attns = [m for m in model.modules() if isinstance(m, unip.Attention)]
+        assert len(attns) == n and all(a.fused for a in attns)  # SDPA unless switched off
+        assert unip.set_fused_attention(model, False) is model and not any(a.fused for a in attns)
+        unip.set_fused_attention(model)
+        assert all(a.fused for a in attns)
+
+
+def count_sdpa(monkeypatch):
+    """Record every F.scaled_dot_product_attention call: [whether its q carries gradients]."""
+    calls, sdpa = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, *a, **k: calls.append(q.requires_grad) or sdpa(q, *a, **k))
+    return calls
+
+
+def test_explicit_attention_equals_sdpa_in_fp32_forward_and_backward(monkeypatch):
+    torch.manual_seed(0)
+    attn = unip.Attention(96, 4)  # head_dim 24
+    x = torch.randn(2, 65, 96)
+    calls = count_sdpa(monkeypatch)
+    out = {}
+    for fused in (True, False):
+        attn.fused = fused
+        attn.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_()
+        y = attn(xg)
+        (y * torch.linspace(-1, 1, 96)).sum().backward()
+        out[fused] = [y.detach(), xg.grad, attn.qkv.weight.grad, attn.proj.weight.grad]
+        assert len(calls) == (1 if fused else 0)  # the switch decides which path runs
+        calls.clear()
+    # the written-out reference: softmax(q kᵀ / sqrt(d)) v per head, then the projection
+    q, k, v = attn.qkv(x).view(2, 65, 3, 4, 24).permute(2, 0, 3, 1, 4)
+    a = torch.softmax(torch.einsum("bhnd,bhmd->bhnm", q, k) / 24 ** 0.5, dim=-1)
+    ref = attn.proj(torch.einsum("bhnm,bhmd->bnhd", a, v).reshape(2, 65, 96))
+    torch.testing.assert_close(out[False][0], ref, rtol=1e-5, atol=1e-5)
+    for name, e, s in zip(["out", "dx", "dWqkv", "dWproj"], out[False], out[True]):  # float noise on the tensor's scale
+        torch.testing.assert_close(e, s, rtol=0, atol=1e-5 * s.abs().max().item(), msg=name)
+
+
+def test_cpu_bf16_training_takes_explicit_attention_as_accurate_as_sdpa():
     torch.manual_seed(0)
     attn = unip.Attention(96, 4)
     x = torch.randn(2, 197, 96)
 
-    def run(bf16):  # output, input gradient, qkv weight gradient
+    def run(bf16, fused):  # output, input gradient, qkv weight gradient
+        unip.set_fused_attention(attn, fused)
         xg = x.clone().requires_grad_()
         attn.zero_grad()
         with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
             y = attn(xg)
         y.float().square().mean().backward()
         return y, xg.grad, attn.qkv.weight.grad.clone()
-    ref, explicit = run(False), run(True)
-    monkeypatch.setattr(unip, "use_sdpa", lambda q: True)
-    sdpa = run(True)  # what CPU bf16 training ran before
+    ref = run(False, unip.sdpa_for_training("cpu", "none"))  # fp32 training: SDPA
+    explicit = run(True, unip.sdpa_for_training("cpu", "bf16"))  # what CPU bf16 training runs
+    sdpa = run(True, True)  # what it would run on SDPA
     assert explicit[0].dtype == sdpa[0].dtype == torch.bfloat16
     for e, s, r in zip(explicit, sdpa, ref):
         assert bf16_rel_err(e, r) < 2e-2 and bf16_rel_err(e, r) < 2 * bf16_rel_err(s, r) + 1e-3
+
+
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_fast_path_attention_follows_sdpa_for_training_and_the_naive_path_stays_explicit(amp, monkeypatch):
+    torch.manual_seed(0)
+    teacher = unip.ViT(img_size=32, dim=64, depth=4, heads=4)
+    student = unip.ViT(img_size=32, dim=48, depth=3, heads=3, last_heads=4)
+    calls = count_sdpa(monkeypatch)
+    autocast = common.precision(amp, "cpu")[2]
+    for naive in (False, True):
+        bench.pretrain_step(teacher, student, 3, torch.device("cpu"), 2, 32, naive, amp, autocast)()
+        teacher_calls, student_calls = calls.count(False), calls.count(True)
+        if naive:  # the reference's explicit attention in every block of both models
+            assert calls == []
+        else:  # the frozen teacher: SDPA in blocks 1..2 (block 3 gives logits); the student's blocks 1..2 by the rule
+            assert teacher_calls == 2 and student_calls == (2 if unip.sdpa_for_training("cpu", amp) else 0)
+        calls.clear()
+    assert all(m.fused for m in student.modules() if isinstance(m, unip.Attention))  # the prototype is left alone
+
+
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_fine_tuning_step_attention_follows_sdpa_for_training(amp, monkeypatch):
+    torch.manual_seed(0)
+    seg = unip.Segmenter(unip.ViT(img_size=32, dim=48, depth=4, heads=3), 5)
+    calls = count_sdpa(monkeypatch)
+    bench.seg_step(seg, torch.device("cpu"), 32, 5, 2, amp, common.precision(amp, "cpu")[2])()
+    assert len(calls) == (4 if unip.sdpa_for_training("cpu", amp) else 0)  # the backbone's 4 blocks, as train_seg.py
 
 
 def test_bf16_pretraining_step_keeps_logits_and_loss_fp32_and_follows_fp32():
@@ -213,11 +285,12 @@ def test_bf16_pretraining_step_keeps_logits_and_loss_fp32_and_follows_fp32():
     x = torch.randn(4, 3, 64, 64)
     out = {}
     for amp in ("none", "bf16"):
+        unip.set_fused_attention(student, unip.sdpa_for_training("cpu", amp))  # as train_pretrain.py
         student.zero_grad(set_to_none=True)
         with torch.autocast("cpu", torch.bfloat16, enabled=amp == "bf16"):
             with torch.no_grad():
-                target = AttentionLogits(teacher, 3)(x)
-            logits = AttentionLogits(student, 3)(x)
+                target = unip.AttentionLogits(teacher, 3)(x)
+            logits = unip.AttentionLogits(student, 3)(x)
             loss = unip.distill_loss(logits, target)
         loss.backward()
         assert target.dtype == logits.dtype == loss.dtype == torch.float32

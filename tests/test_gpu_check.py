@@ -73,6 +73,36 @@ def test_sdpa_check_fails_for_a_wrong_kernel(monkeypatch):
     assert status == "FAIL" and "over the bound" in detail
 
 
+def test_sdpa_check_skips_what_training_runs_explicitly():
+    # CPU bf16 training runs the explicit product (sdpa_for_training): no SDPA kernel there to hold to it
+    status, detail = gpu_check.check_sdpa(torch.device("cpu"), 48, 3, 2, 17, "bf16", "default")
+    assert status == "SKIP" and "sdpa_for_training" in detail
+    assert gpu_check.check_sdpa(torch.device("cpu"), 48, 3, 2, 17, "fp16", "math")[0] == "PASS"
+
+
+@pytest.mark.parametrize("amp", ["fp32", "bf16"])
+def test_pretrain_step_sets_attention_as_train_pretrain(amp):
+    step = gpu_check.PretrainStep(torch.device("cpu"), "vit_micro", 2, "vit_micro", 32, 2, amp)
+    fused = lambda model: {m.fused for m in model.modules() if isinstance(m, unip.Attention)}
+    assert fused(step.student) == {amp == "fp32"}  # the trained student: explicit only for CPU bf16
+    assert fused(step.teacher_fn) == {True}  # the frozen teacher: SDPA
+    assert isinstance(step.teacher_fn, unip.AttentionLogits) and step.teacher_fn.layer == 2
+
+
+def test_seg_loss_is_train_segs():
+    import train_seg
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 8, 8)
+    y = torch.randint(0, 5, (2, 32, 32))
+    y[:, :6] = 255  # ignored pixels count 0 in the mean
+    for label in (y, torch.full_like(y, 255)):  # an all-ignored crop: 0, not NaN
+        torch.testing.assert_close(gpu_check.seg_loss(logits, label), train_seg.seg_loss(logits, label), rtol=0, atol=0)
+    # by hand: upsample, per-pixel cross-entropy, zeros where ignored, mean over every pixel
+    up = F.interpolate(logits, size=(32, 32), mode="bilinear", align_corners=False)
+    nll = -up.log_softmax(1).gather(1, y.clamp(max=4)[:, None])[:, 0]
+    torch.testing.assert_close(gpu_check.seg_loss(logits, y), torch.where(y == 255, 0.0, nll).mean())
+
+
 def test_logits_check_fails_when_autocast_reaches_the_logits(monkeypatch):
     cpu = torch.device("cpu")
     assert gpu_check.check_logits(cpu, "vit_small", 32, 6, 2, "bf16")[0] == "PASS"
