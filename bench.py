@@ -372,11 +372,6 @@ def pretrain_step(t_proto, s_proto, layer, device, batch, img, naive, amp, autoc
     return step
 
 
-def seg_loss(logits, y):  # as train_seg.py: cross-entropy of the logits upsampled to the label
-    logits = F.interpolate(logits.float(), size=y.shape[-2:], mode="bilinear", align_corners=False)
-    return F.cross_entropy(logits, y, ignore_index=255)
-
-
 def seg_step(seg_proto, device, crop, num_classes, n, amp, autocast, compile_backend=None, optimise=True):
     """One fine-tuning step of the segmenter on n random crops: forward, loss with the auxiliary head,
     backward, layer-decay AdamW (optimise=False: up to the backward, for counting FLOPs)."""
@@ -391,7 +386,7 @@ def seg_step(seg_proto, device, crop, num_classes, n, amp, autocast, compile_bac
     def step():
         with autocast():
             out, aux = model(x)  # (B, K, S/4, S/4), (B, K, S/16, S/16)
-        loss = seg_loss(out, y) + 0.4 * seg_loss(aux, y)
+        loss = unip.seg_loss(out, y) + 0.4 * unip.seg_loss(aux, y)
         scaler.scale(loss).backward()
         if optimise:
             scaler.step(opt)

@@ -227,13 +227,6 @@ def check_distill_loss(device, B, H, N, amp, seed=0):
     return ("PASS" if ok else "FAIL"), f"loss {str(loss.dtype)[6:]} {loss.item():.5f}, rel err {e_loss:.1e}; grad err {e_grad:.1e}"
 
 
-def seg_loss(logits, label, ignore_index=255):
-    """train_seg.py's loss (a test holds the two equal): cross-entropy of the logits upsampled bilinearly to
-    the label, averaged over all pixels, ignored ones counting 0."""
-    logits = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear", align_corners=False)
-    return F.cross_entropy(logits, label, ignore_index=ignore_index, reduction="none").mean()
-
-
 class PretrainStep:
     """One NMI-HAD step as train_pretrain.py runs it: the teacher cut at `layer` and stored in the autocast
     dtype, the last-block parts that get no gradient frozen, logits-only wrappers, fused AdamW, GradScaler
@@ -325,7 +318,7 @@ def check_seg_step(device, arch, crop, B, amp, seed=0):
     y[:, :4] = 255  # some ignored pixels
     with autocast(device, amp):
         out, aux = seg(x)  # (B, K, S/4, S/4), (B, K, S/16, S/16)
-    loss = seg_loss(out, y) + 0.4 * seg_loss(aux, y)
+    loss = unip.seg_loss(out, y) + 0.4 * unip.seg_loss(aux, y)
     scaler.scale(loss).backward()
     scaler.unscale_(opt)
     params = [(n, p) for n, p in seg.named_parameters() if p.requires_grad]

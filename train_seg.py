@@ -153,13 +153,6 @@ def check_labels(counts, classes, n_files):
     return None
 
 
-def seg_loss(logits, label, ignore_index=255):
-    """Cross-entropy of (B, K, h, w) logits upsampled bilinearly to the (B, H, W) label. Averaged over all
-    pixels, ignored ones counting 0, as mmseg 0.11 does: a crop that is all ignore gives 0, not NaN."""
-    logits = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear", align_corners=False)
-    return F.cross_entropy(logits, label, ignore_index=ignore_index, reduction="none").mean()
-
-
 # ----------------------------------------------------------------------------- data
 
 
@@ -310,7 +303,7 @@ def train_step(model, opt, scaler, x, y, lr, aux_weight, autocast):
         g["lr"] = lr * g["lr_scale"]
     with autocast():
         out, aux = model(x)  # (B, K, crop/4, crop/4) [linear: /16], aux (B, K, crop/16, crop/16) or None
-    loss = seg_loss(out, y) + (aux_weight * seg_loss(aux, y) if aux is not None else 0.0)
+    loss = unip.seg_loss(out, y) + (aux_weight * unip.seg_loss(aux, y) if aux is not None else 0.0)
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(opt)

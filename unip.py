@@ -726,6 +726,13 @@ class Segmenter(nn.Module):
         return self.head(torch.cat(feats, 1)), None
 
 
+def seg_loss(logits, label, ignore_index=255):
+    """Cross-entropy of (B, K, h, w) logits upsampled bilinearly to the (B, H, W) label. Averaged over all
+    pixels, ignored ones counting 0, as mmseg 0.11 does: a crop that is all ignore gives 0, not NaN."""
+    logits = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear", align_corners=False)
+    return F.cross_entropy(logits, label, ignore_index=ignore_index, reduction="none").mean()
+
+
 def layer_decay_groups(model, weight_decay=0.05, layer_decay=0.85):
     """AdamW parameter groups with layer-wise lr decay (BEiT/MAE rule):
     patch_embed, cls_token, pos_embed, register_tokens and norm_pre (CLIP's

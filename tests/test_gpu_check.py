@@ -89,20 +89,6 @@ def test_pretrain_step_sets_attention_as_train_pretrain(amp):
     assert isinstance(step.teacher_fn, unip.AttentionLogits) and step.teacher_fn.layer == 2
 
 
-def test_seg_loss_is_train_segs():
-    import train_seg
-    torch.manual_seed(0)
-    logits = torch.randn(2, 5, 8, 8)
-    y = torch.randint(0, 5, (2, 32, 32))
-    y[:, :6] = 255  # ignored pixels count 0 in the mean
-    for label in (y, torch.full_like(y, 255)):  # an all-ignored crop: 0, not NaN
-        torch.testing.assert_close(gpu_check.seg_loss(logits, label), train_seg.seg_loss(logits, label), rtol=0, atol=0)
-    # by hand: upsample, per-pixel cross-entropy, zeros where ignored, mean over every pixel
-    up = F.interpolate(logits, size=(32, 32), mode="bilinear", align_corners=False)
-    nll = -up.log_softmax(1).gather(1, y.clamp(max=4)[:, None])[:, 0]
-    torch.testing.assert_close(gpu_check.seg_loss(logits, y), torch.where(y == 255, 0.0, nll).mean())
-
-
 def test_logits_check_fails_when_autocast_reaches_the_logits(monkeypatch):
     cpu = torch.device("cpu")
     assert gpu_check.check_logits(cpu, "vit_small", 32, 6, 2, "bf16")[0] == "PASS"

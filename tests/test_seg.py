@@ -95,7 +95,7 @@ def test_uperhead_and_aux_shapes_and_upsampling_to_the_label():
     assert [p[0].output_size for p in seg.head.ppm] == [1, 2, 3, 6]
     up = F.interpolate(out, size=y.shape[-2:], mode="bilinear", align_corners=False)
     assert up.shape == (2, 5, 64, 96)
-    assert torch.allclose(train_seg.seg_loss(out, y), F.cross_entropy(up, y))
+    assert torch.allclose(unip.seg_loss(out, y), F.cross_entropy(up, y))
     out, aux = seg.eval()(x)
     assert aux is None and out.shape == (2, 5, 16, 24)
 
@@ -105,8 +105,8 @@ def test_seg_loss_ignores_255_and_averages_over_all_pixels():
     y = torch.randint(0, 3, (1, 8, 8))
     y[0, :4] = 255
     full = F.cross_entropy(F.interpolate(logits, (8, 8), mode="bilinear"), y, ignore_index=255, reduction="none")
-    assert torch.allclose(train_seg.seg_loss(logits, y), full.sum() / 64)  # mmseg 0.11: ignored pixels count 0
-    assert train_seg.seg_loss(logits, torch.full((1, 8, 8), 255)).item() == 0.0  # not NaN
+    assert torch.allclose(unip.seg_loss(logits, y), full.sum() / 64)  # mmseg 0.11: ignored pixels count 0
+    assert unip.seg_loss(logits, torch.full((1, 8, 8), 255)).item() == 0.0  # not NaN
 
 
 def test_poly_schedule_with_warmup():
@@ -211,7 +211,7 @@ def test_linear_probe_leaves_the_backbone_unchanged(mode):
     assert not seg.backbone.training  # frozen backbone: no stochastic depth
     for _ in range(3):
         out, aux = seg(torch.randn(2, 3, 64, 64))
-        loss = train_seg.seg_loss(out, torch.randint(0, 5, (2, 64, 64)))
+        loss = unip.seg_loss(out, torch.randint(0, 5, (2, 64, 64)))
         opt.zero_grad()
         loss.backward()
         opt.step()
