@@ -2,6 +2,7 @@
 `visual.*`), CLIP's forward written out by hand, refusals by name, the teacher's input statistics. CPU, seconds.
 Tests on the shared CLIP file run when UNIP_TEACHERS names its folder (set by .ci/run), and on real frames when
 UNIP_SAMPLE_DATA names the sample data too; they skip otherwise."""
+import functools
 import json
 import math
 import os
@@ -14,7 +15,6 @@ import torch.nn.functional as F
 
 import analyze
 import data
-import train_pretrain
 import unip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -266,9 +266,9 @@ def test_teacher_logits_see_the_renormalised_input():
     vit = small_clip().eval()
     x = image()
     with torch.no_grad():
-        got = train_pretrain.AttentionLogits(vit, 2, norm="clip")(x)
+        got = unip.AttentionLogits(vit, 2, prep=functools.partial(data.renormalise, norm="clip"))(x)
         want = vit.attention_logits(data.renormalise(x, "clip"), 2)
-        default = train_pretrain.AttentionLogits(vit, 2)(x)
+        default = unip.AttentionLogits(vit, 2)(x)
     assert torch.equal(got, want) and torch.equal(default, vit.attention_logits(x, 2))
 
 

@@ -197,12 +197,12 @@ def test_distill_loss_with_a_register_teacher_matches_a_naive_formula():
     teacher = random_dinov2(4, img_size=56).eval()  # 4x4 grid
     student = unip.ViT(img_size=64, patch_size=16, dim=48, depth=2, heads=3)  # 4x4 grid, last block 3 heads
     x = torch.randn(2, 3, 64, 64)
-    t_logits = train_pretrain.AttentionLogits(teacher, 2, size=56)(x)  # (B, 3, 17, 17): CLS + patches
+    t_logits = unip.AttentionLogits(teacher, 2, size=56)(x)  # (B, 3, 17, 17): CLS + patches
     s_logits = student.attention_logits(x, 2)
     assert t_logits.shape == s_logits.shape == (2, 3, 17, 17)
     # Naive: the teacher's full logits with registers, computed by hand, then register rows and columns dropped.
     with torch.no_grad():
-        h = teacher.prepare_tokens(train_pretrain.resize_for(x, 56))
+        h = teacher.prepare_tokens(unip.resize_for(x, 56))
         h = teacher.blocks[0](h)
         blk = teacher.blocks[1]
         q, k, _ = blk.attn.qkv(blk.norm1(h)).chunk(3, dim=-1)
@@ -218,14 +218,14 @@ def test_distill_loss_with_a_register_teacher_matches_a_naive_formula():
 
 def test_teacher_sees_the_crop_resized_to_the_students_grid():
     x = torch.randn(2, 3, 224, 224)
-    y = train_pretrain.resize_for(x, 196)
+    y = unip.resize_for(x, 196)
     assert y.shape == (2, 3, 196, 196)
     with torch.device("meta"):
         student = unip.vit_small(img_size=224, last_heads=6)
         teacher = unip.dinov2_vits14(img_size=196)
     assert student.grid(x) == teacher.grid(y) == (14, 14)
     const = torch.full((1, 3, 224, 224), 0.3)  # resizing keeps a flat image flat: no shift in intensity
-    assert torch.allclose(train_pretrain.resize_for(const, 196), torch.full((1, 3, 196, 196), 0.3), atol=1e-5)
+    assert torch.allclose(unip.resize_for(const, 196), torch.full((1, 3, 196, 196), 0.3), atol=1e-5)
 
 
 def test_train_pretrain_bridges_patch_14_and_16(tmp_path):
@@ -496,14 +496,14 @@ def test_slide_inference_lets_every_pixel_reach_a_patch14_model():
 
 
 def test_student_crop_off_the_patch_grid_is_refused_with_the_nearest_size(tmp_path):
-    assert train_pretrain.teacher_view(224, 16, 14) == (196, 14) and train_pretrain.teacher_view(160, 16, 16) == (160, 10)
+    assert unip.teacher_view(224, 16, 14) == (196, 14) and unip.teacher_view(160, 16, 16) == (160, 10)
     with pytest.raises(ValueError, match=r"--img-size \(the student's crop\) 230 is not a multiple of the patch size "
                                          r"16.*use 224 or 240"):
-        train_pretrain.teacher_view(230, 16, 14)
+        unip.teacher_view(230, 16, 14)
     with pytest.raises(ValueError, match="use 160 or 144"):
-        train_pretrain.teacher_view(155, 16, 14)
+        unip.teacher_view(155, 16, 14)
     with pytest.raises(ValueError, match="use 154 or 168"):  # a DINOv2 student: its own patch counts
-        train_pretrain.teacher_view(160, 14, 16)
+        unip.teacher_view(160, 14, 16)
     p = subprocess.run([sys.executable, os.path.join(ROOT, "train_pretrain.py"), "--teacher", "random",
                         "--teacher-arch", "dinov2_vits14", "--teacher-layer", "2", "--model", "vit_micro",
                         "--img-size", "70", "--synthetic-images", "8", "--batch-size", "4", "--effective-batch", "4",

@@ -76,6 +76,22 @@ def test_resume_mid_epoch_gives_identical_weights(teacher, tmp_path):
         assert torch.equal(wa[k], wb[k]), k
 
 
+def test_resume_reads_the_random_state_layout_of_older_checkpoints(teacher, tmp_path):
+    # checkpoints written before common.py kept {"torch": [per process], "cuda": [per process or none]}
+    args = TINY + ["--teacher", teacher]  # drop path 0.1: the restored stream decides the result
+    run(args + ["--steps", "4"], tmp_path / "a")
+    run(args + ["--steps", "2"], tmp_path / "b")
+    path = tmp_path / "b" / "ckpt.pt"
+    ck = unip.load_checkpoint(str(path))
+    assert ck["rng"]["ranks"][0]["cuda"] is None
+    ck["rng"] = {"torch": [ck["rng"]["ranks"][0]["torch"]], "cuda": []}
+    torch.save(ck, path)
+    run(args + ["--steps", "4", "--resume", "auto"], tmp_path / "b")
+    wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
 def test_keep_steps_writes_snapshots_of_the_same_schedule(teacher, tmp_path):
     # step2.pt of a 5-step run is the checkpoint a run stopped at step 2 writes (same schedule, same format)
     run(TINY + ["--teacher", teacher, "--steps", "5", "--keep-steps", "2,5"], tmp_path / "a")
