@@ -491,55 +491,47 @@ def weight_diff(a, b):
     return all(torch.equal(a[k], b[k]) for k in a), math.sqrt(sq)
 
 
-def main(argv=None):
-    cfg = parse_config(argv)
-    os.makedirs(cfg.out, exist_ok=True)
-    if cfg.part in ("numerics", "profile"):
-        return run_numerics_part(cfg) if cfg.part == "numerics" else run_profile_part(cfg)
-    if cfg.part:
-        raise SystemExit(f"--part {cfg.part!r}: numerics or profile")
-
-    t_start = time.time()
-    cuda = cfg.device.startswith("cuda")
-    tiny = cfg.tiny
-    work = cfg.work or tempfile.mkdtemp(prefix="gpu_check_")
-    os.makedirs(work, exist_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "10"}
-    if not cuda:
-        env["OMP_NUM_THREADS"] = "1"  # several processes on few cores: no OpenMP spin-waiting
-    run = Runner(cfg, env)
-    py = sys.executable
-    torchrun = [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
+def versions_of(cuda):
+    """torch, CUDA, cuDNN, Python and the repository's commit: the head line of the report."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     except OSError:  # no git on the machine
         commit = ""
-    versions = {"torch": torch.__version__, "cuda": torch.version.cuda,
-                "cudnn": torch.backends.cudnn.version() if cuda else None, "python": sys.version.split()[0],
-                "commit": commit or None}
-    print(f"gpu_check | device {cfg.device}{' (tiny)' if tiny else ''} | " + " | ".join(f"{k} {v}" for k, v in versions.items())
-          + f" | budget {cfg.budget:.0f} s | out {cfg.out} | work {work}", flush=True)
-    print(json.dumps(asdict(cfg)), flush=True)
+    return {"torch": torch.__version__, "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if cuda else None, "python": sys.version.split()[0],
+            "commit": commit or None}
 
-    parts, state = [], {"device_name": None}
 
-    # ---------------------------------------------------------------- a: numerics on the device
-    def part_numerics():
-        text = ran(run([py, "gpu_check.py", "--part", "numerics", "--device", cfg.device, "--out", cfg.out,
-                        "--seed", cfg.seed] + (["--tiny"] if tiny else []), "numerics.log"), "gpu_check.py --part numerics")
-        with open(os.path.join(cfg.out, "numerics.json")) as f:
-            res = json.load(f)
-        state["device_name"] = res["device"]
-        for c in res["checks"]:
-            print(f"  {c['status']:4s}  {c['name']:48s} {c['detail']}")
-        n = {s: sum(c["status"] == s for c in res["checks"]) for s in ("PASS", "FAIL", "SKIP")}
-        failed = [c["name"] for c in res["checks"] if c["status"] == "FAIL"]
-        expect(not failed, f"{n['FAIL']} of {len(res['checks'])} checks failed: {'; '.join(failed[:8])}")
-        ran_sdpa = [c for c in res["checks"] if c["name"].startswith("sdpa") and c["status"] == "PASS"]
-        expect(ran_sdpa, "no SDPA kernel ran")
-        return f"{len(res['checks'])} checks: {n['PASS']} passed, {n['SKIP']} skipped (a kernel refusing a case)", res["checks"]
+# torchrun with one process on this machine: the scripts' distributed path (RANK set), as a user launches them
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
 
-    # ---------------------------------------------------------------- b: torchrun pre-training, resume, seg, predict
+# Each part(cfg, run, state, work): run(...) its commands, check what they wrote (expect / PartFailed) and return
+# (detail, checks or None); `work` holds the runs and their checkpoints. `state` carries what a later part or the
+# report reads: the device name, the student checkpoint, the bench rows.
+
+
+# ---------------------------------------------------------------- a: numerics on the device
+def part_numerics(cfg, run, state, work):
+    ran(run([sys.executable, "gpu_check.py", "--part", "numerics", "--device", cfg.device, "--out", cfg.out,
+             "--seed", cfg.seed] + (["--tiny"] if cfg.tiny else []), "numerics.log"), "gpu_check.py --part numerics")
+    with open(os.path.join(cfg.out, "numerics.json")) as f:
+        res = json.load(f)
+    state["device_name"] = res["device"]
+    for c in res["checks"]:
+        print(f"  {c['status']:4s}  {c['name']:48s} {c['detail']}")
+    n = {s: sum(c["status"] == s for c in res["checks"]) for s in ("PASS", "FAIL", "SKIP")}
+    failed = [c["name"] for c in res["checks"] if c["status"] == "FAIL"]
+    expect(not failed, f"{n['FAIL']} of {len(res['checks'])} checks failed: {'; '.join(failed[:8])}")
+    ran_sdpa = [c for c in res["checks"] if c["name"].startswith("sdpa") and c["status"] == "PASS"]
+    expect(ran_sdpa, "no SDPA kernel ran")
+    return f"{len(res['checks'])} checks: {n['PASS']} passed, {n['SKIP']} skipped (a kernel refusing a case)", res["checks"]
+
+
+# ---------------------------------------------------------------- b: torchrun pre-training, resume, seg, predict
+def part_pretrain(cfg, run, state, work):
+    """train_pretrain.py run through, and again stopped at 3/4 of the steps and continued with --resume auto:
+    the two must end on the same weights."""
+    tiny, cuda = cfg.tiny, cfg.device.startswith("cuda")
     steps = cfg.steps or (6 if tiny else 40)
     stop = steps * 3 // 4
     if tiny:
@@ -551,183 +543,197 @@ def main(argv=None):
     pre += ["--teacher", "random", "--accum-steps", 1, "--lr", 5e-4, "--epochs", 4, "--warmup-epochs", 1, "--log-every", 1 if tiny else 10,
             "--keep-every", 0, "--device", "cuda" if cuda else "cpu", "--seed", cfg.seed]
     full_dir, resumed_dir = os.path.join(work, "pretrain_full"), os.path.join(work, "pretrain_resumed")
-    state["student"] = os.path.join(full_dir, "ckpt.pt")
+    for d in (full_dir, resumed_dir):
+        shutil.rmtree(d, ignore_errors=True)
+    ran(run(TORCHRUN + ["train_pretrain.py", *pre, "--steps", steps, "--out", full_dir], "pretrain.log"),
+        "the uninterrupted run")
+    ran(run(TORCHRUN + ["train_pretrain.py", *pre, "--steps", stop, "--out", resumed_dir], "pretrain.log"),
+        f"the run stopped at step {stop}")
+    mid = unip.load_checkpoint(os.path.join(resumed_dir, "ckpt.pt"))
+    expect(mid["step"] == stop, f"the stopped run saved step {mid['step']}, not {stop}")
+    text = ran(run(TORCHRUN + ["train_pretrain.py", *pre, "--steps", steps, "--resume", "auto", "--out", resumed_dir],
+                   "pretrain.log"), "the resumed run")
+    expect(f"resumed from {os.path.join(resumed_dir, 'ckpt.pt')} at step {stop}" in text, "the resumed run did not say it resumed")
+    a, b = (unip.load_checkpoint(os.path.join(d, "ckpt.pt")) for d in (full_dir, resumed_dir))
+    expect(a["step"] == b["step"] == steps, f"final steps {a['step']}, {b['step']}, not {steps}")
+    expect(a["config"]["teacher_layer"] == (6 if tiny else 9), "wrong teacher layer in the checkpoint")
+    expect(all(torch.isfinite(v).all() for v in a["model"].values()), "non-finite weights")
+    for name, d in (("pretrain_full", full_dir), ("pretrain_resumed", resumed_dir)):
+        shutil.copyfile(os.path.join(d, "log.jsonl"), os.path.join(cfg.out, f"{name}.jsonl"))
+    rows_a, rows_b = jsonl(os.path.join(full_dir, "log.jsonl")), jsonl(os.path.join(resumed_dir, "log.jsonl"))
+    expect(all(math.isfinite(r["loss"]) for r in rows_a + rows_b), "a non-finite logged loss")
+    bitwise, diff = weight_diff(a["model"], b["model"])
+    _, update = weight_diff(b["model"], mid["model"])  # how far the last steps moved the weights
+    # The CPU is deterministic: bit for bit. CUDA's fused attention backward accumulates in a varying order
+    # (atomics), so there the two runs may differ by float noise: required below 1% of the last steps' update.
+    expect(bitwise or (cuda and diff <= 1e-2 * update),
+           f"resumed weights differ from the uninterrupted run's: ||diff|| {diff:.3e} (update of the last "
+           f"{steps - stop} steps {update:.3e})")
+    last = {r["step"]: r for r in rows_a}[steps], {r["step"]: r for r in rows_b}[steps]
+    speed = [r["img_per_s"] for r in rows_a if r["step"] > (1 if tiny else 10)]
+    return (f"{steps} steps, stopped at {stop} and resumed: weights " + ("bit for bit equal" if bitwise else
+            f"||diff|| {diff:.2e} = {diff / update:.1e} x the last {steps - stop} steps' update")
+            + f"; loss {rows_a[0]['loss']:.4f} -> {last[0]['loss']:.4f} (resumed run {last[1]['loss']:.4f}); "
+            f"{np.median(speed):.0f} img/s"
+            + (f", {rows_a[-1]['mem_gb']} GB" if cuda else "")), None
 
-    def part_pretrain():
-        for d in (full_dir, resumed_dir):
-            shutil.rmtree(d, ignore_errors=True)
-        ran(run(torchrun + ["train_pretrain.py", *pre, "--steps", steps, "--out", full_dir], "pretrain.log"),
-            "the uninterrupted run")
-        ran(run(torchrun + ["train_pretrain.py", *pre, "--steps", stop, "--out", resumed_dir], "pretrain.log"),
-            f"the run stopped at step {stop}")
-        mid = unip.load_checkpoint(os.path.join(resumed_dir, "ckpt.pt"))
-        expect(mid["step"] == stop, f"the stopped run saved step {mid['step']}, not {stop}")
-        text = ran(run(torchrun + ["train_pretrain.py", *pre, "--steps", steps, "--resume", "auto", "--out", resumed_dir],
-                       "pretrain.log"), "the resumed run")
-        expect(f"resumed from {os.path.join(resumed_dir, 'ckpt.pt')} at step {stop}" in text, "the resumed run did not say it resumed")
-        a, b = (unip.load_checkpoint(os.path.join(d, "ckpt.pt")) for d in (full_dir, resumed_dir))
-        expect(a["step"] == b["step"] == steps, f"final steps {a['step']}, {b['step']}, not {steps}")
-        expect(a["config"]["teacher_layer"] == (6 if tiny else 9), "wrong teacher layer in the checkpoint")
-        expect(all(torch.isfinite(v).all() for v in a["model"].values()), "non-finite weights")
-        for name, d in (("pretrain_full", full_dir), ("pretrain_resumed", resumed_dir)):
-            shutil.copyfile(os.path.join(d, "log.jsonl"), os.path.join(cfg.out, f"{name}.jsonl"))
-        rows_a, rows_b = jsonl(os.path.join(full_dir, "log.jsonl")), jsonl(os.path.join(resumed_dir, "log.jsonl"))
-        expect(all(math.isfinite(r["loss"]) for r in rows_a + rows_b), "a non-finite logged loss")
-        bitwise, diff = weight_diff(a["model"], b["model"])
-        _, update = weight_diff(b["model"], mid["model"])  # how far the last steps moved the weights
-        # The CPU is deterministic: bit for bit. CUDA's fused attention backward accumulates in a varying order
-        # (atomics), so there the two runs may differ by float noise: required below 1% of the last steps' update.
-        expect(bitwise or (cuda and diff <= 1e-2 * update),
-               f"resumed weights differ from the uninterrupted run's: ||diff|| {diff:.3e} (update of the last "
-               f"{steps - stop} steps {update:.3e})")
-        last = {r["step"]: r for r in rows_a}[steps], {r["step"]: r for r in rows_b}[steps]
-        speed = [r["img_per_s"] for r in rows_a if r["step"] > (1 if tiny else 10)]
-        return (f"{steps} steps, stopped at {stop} and resumed: weights " + ("bit for bit equal" if bitwise else
-                f"||diff|| {diff:.2e} = {diff / update:.1e} x the last {steps - stop} steps' update")
-                + f"; loss {rows_a[0]['loss']:.4f} -> {last[0]['loss']:.4f} (resumed run {last[1]['loss']:.4f}); "
-                f"{np.median(speed):.0f} img/s"
-                + (f", {rows_a[-1]['mem_gb']} GB" if cuda else "")), None
 
+def part_seg(cfg, run, state, work):
+    """train_seg.py from the pre-trained student (when that part wrote it): two evaluations, checkpoints, and
+    SyncBatchNorm exactly on CUDA."""
+    tiny, cuda = cfg.tiny, cfg.device.startswith("cuda")
     seg_steps = cfg.seg_steps or (4 if tiny else 40)
     seg_dir = os.path.join(work, "seg")
+    shutil.rmtree(seg_dir, ignore_errors=True)
+    init = ["--init", state["student"]] if os.path.exists(state["student"]) else []
+    size = (["--model", "vit_tiny", "--crop", 64, "--batch-size", 2, "--eval-images", 1, "--workers", 0] if tiny else
+            ["--model", "vit_small", "--crop", 512, "--batch-size", 8, "--eval-images", 8, "--workers", 8])
+    text = ran(run(TORCHRUN + ["train_seg.py", "--dataset", "synthetic", *size, *init, "--iters", seg_steps,
+                               "--warmup", max(1, seg_steps // 10), "--eval-every", seg_steps // 2,
+                               "--log-every", 1 if tiny else 10, "--device", "cuda" if cuda else "cpu",
+                               "--seed", cfg.seed, "--out", seg_dir], "seg.log"), "train_seg.py")
+    ck = unip.load_checkpoint(os.path.join(seg_dir, "ckpt.pt"))
+    expect(ck["step"] == seg_steps and "segmenter" in ck, f"ckpt.pt at step {ck['step']}, not {seg_steps}")
+    expect(os.path.exists(os.path.join(seg_dir, "best.pt")), "no best.pt")
+    rows = jsonl(os.path.join(seg_dir, "log.jsonl"))
+    shutil.copyfile(os.path.join(seg_dir, "log.jsonl"), os.path.join(cfg.out, "seg.jsonl"))
+    evals = [r for r in rows if "miou" in r]
+    expect(len(evals) == 2 and all(math.isfinite(r["miou"]) for r in evals), f"{len(evals)} evaluations, not 2")
+    losses = [r["loss"] for r in rows if "loss" in r]
+    expect(losses and all(math.isfinite(v) for v in losses), "a non-finite logged loss")
+    sync = "SyncBatchNorm" in text
+    expect(sync == cuda, "SyncBatchNorm " + ("missing under torchrun on CUDA" if cuda else "on a CPU"))
+    speed = [r["img_per_s"] for r in rows if "img_per_s" in r][1:] or [0]
+    return (f"{seg_steps} iterations" + (" from the pre-trained student" if init else " (no pre-trained student)")
+            + f", SyncBatchNorm {'on' if sync else 'off (CPU)'}, mIoU {evals[0]['miou']:.1f} -> {evals[-1]['miou']:.1f}, "
+            f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, {np.median(speed):.1f} img/s"), None
 
-    def part_seg():
-        shutil.rmtree(seg_dir, ignore_errors=True)
-        init = ["--init", state["student"]] if os.path.exists(state["student"]) else []
-        size = (["--model", "vit_tiny", "--crop", 64, "--batch-size", 2, "--eval-images", 1, "--workers", 0] if tiny else
-                ["--model", "vit_small", "--crop", 512, "--batch-size", 8, "--eval-images", 8, "--workers", 8])
-        text = ran(run(torchrun + ["train_seg.py", "--dataset", "synthetic", *size, *init, "--iters", seg_steps,
-                                   "--warmup", max(1, seg_steps // 10), "--eval-every", seg_steps // 2,
-                                   "--log-every", 1 if tiny else 10, "--device", "cuda" if cuda else "cpu",
-                                   "--seed", cfg.seed, "--out", seg_dir], "seg.log"), "train_seg.py")
-        ck = unip.load_checkpoint(os.path.join(seg_dir, "ckpt.pt"))
-        expect(ck["step"] == seg_steps and "segmenter" in ck, f"ckpt.pt at step {ck['step']}, not {seg_steps}")
-        expect(os.path.exists(os.path.join(seg_dir, "best.pt")), "no best.pt")
-        rows = jsonl(os.path.join(seg_dir, "log.jsonl"))
-        shutil.copyfile(os.path.join(seg_dir, "log.jsonl"), os.path.join(cfg.out, "seg.jsonl"))
-        evals = [r for r in rows if "miou" in r]
-        expect(len(evals) == 2 and all(math.isfinite(r["miou"]) for r in evals), f"{len(evals)} evaluations, not 2")
-        losses = [r["loss"] for r in rows if "loss" in r]
-        expect(losses and all(math.isfinite(v) for v in losses), "a non-finite logged loss")
-        sync = "SyncBatchNorm" in text
-        expect(sync == cuda, "SyncBatchNorm " + ("missing under torchrun on CUDA" if cuda else "on a CPU"))
-        speed = [r["img_per_s"] for r in rows if "img_per_s" in r][1:] or [0]
-        return (f"{seg_steps} iterations" + (" from the pre-trained student" if init else " (no pre-trained student)")
-                + f", SyncBatchNorm {'on' if sync else 'off (CPU)'}, mIoU {evals[0]['miou']:.1f} -> {evals[-1]['miou']:.1f}, "
-                f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, {np.median(speed):.1f} img/s"), None
 
-    def part_predict():
-        best = os.path.join(seg_dir, "best.pt")
-        expect(os.path.exists(best), "no train_seg.py checkpoint (the seg part failed)")
-        frames, pred_dir = os.path.join(work, "frames"), os.path.join(work, "predict")
-        os.makedirs(frames, exist_ok=True)
-        shapes = {}
-        val = data.SyntheticThermal("val", num_images=2, seed=cfg.seed + 1)
-        for i in range(2):
-            img, _ = val.load(i)  # (H, W) uint8
-            Image.fromarray(img).save(os.path.join(frames, f"frame{i}.png"))
-            shapes[f"frame{i}.png"] = img.shape
-        ran(run([py, "predict.py", "--checkpoint", best, "--images", frames, "--out", pred_dir,
-                 "--device", cfg.device], "predict.log"), "predict.py")
-        K = len(unip.load_checkpoint(best)["classes"])
-        for name, shape in shapes.items():
-            mask = np.array(Image.open(os.path.join(pred_dir, "masks", name)))
-            expect(mask.shape == shape and mask.max() < K, f"mask {name}: shape {mask.shape}, max {mask.max()}")
-            expect(os.path.exists(os.path.join(pred_dir, "overlays", name)), f"no overlay for {name}")
-        return f"{len(shapes)} frames -> masks and overlays of the frames' size, {K} classes", None
+def part_predict(cfg, run, state, work):
+    """predict.py with the seg part's best.pt on two synthetic frames: masks and overlays of the frames' size."""
+    best = os.path.join(work, "seg", "best.pt")
+    expect(os.path.exists(best), "no train_seg.py checkpoint (the seg part failed)")
+    frames, pred_dir = os.path.join(work, "frames"), os.path.join(work, "predict")
+    os.makedirs(frames, exist_ok=True)
+    shapes = {}
+    val = data.SyntheticThermal("val", num_images=2, seed=cfg.seed + 1)
+    for i in range(2):
+        img, _ = val.load(i)  # (H, W) uint8
+        Image.fromarray(img).save(os.path.join(frames, f"frame{i}.png"))
+        shapes[f"frame{i}.png"] = img.shape
+    ran(run([sys.executable, "predict.py", "--checkpoint", best, "--images", frames, "--out", pred_dir,
+             "--device", cfg.device], "predict.log"), "predict.py")
+    K = len(unip.load_checkpoint(best)["classes"])
+    for name, shape in shapes.items():
+        mask = np.array(Image.open(os.path.join(pred_dir, "masks", name)))
+        expect(mask.shape == shape and mask.max() < K, f"mask {name}: shape {mask.shape}, max {mask.max()}")
+        expect(os.path.exists(os.path.join(pred_dir, "overlays", name)), f"no overlay for {name}")
+    return f"{len(shapes)} frames -> masks and overlays of the frames' size, {K} classes", None
 
-    # ---------------------------------------------------------------- c: bench.py
+
+# ---------------------------------------------------------------- c: bench.py
+def run_bench(cfg, run, state, extra, log, json_name, expect_paths):
+    """Run bench.py; on an out-of-memory error, again with half the batch. -> rows."""
     bench_args = ["--device", cfg.device]
-    if tiny:
+    if cfg.tiny:
         bench_args += ["--quick", "--threads", 1, "--img", 32, "--reps", 1, "--warmup", 1]
+    batch = cfg.batch
+    while True:
+        path = os.path.join(cfg.out, json_name)
+        rc, text = run([sys.executable, "bench.py", *bench_args, *extra, "--json", path] + (["--batch", batch] if batch else []), log)
+        oom = rc != 0 and ("OutOfMemoryError" in text or "out of memory" in text)
+        if not oom or (batch or 256) <= 16:
+            break
+        batch = (batch or 256) // 2
+        print(f"  bench.py: out of memory, again with --batch {batch}", flush=True)
+    ran((rc, text), "bench.py")
+    with open(path) as f:
+        res = json.load(f)
+    state["bench_device"] = res["device"]
+    rows = res["rows"]
+    expect(rows and all(r["img_per_s"] > 0 and math.isfinite(r["img_per_s"]) for r in rows), "no or bad rows")
+    for section, case, path_ in expect_paths:
+        expect(any(r["section"] == section and case in r["case"] and r["path"] == path_ for r in rows),
+               f"no {section} {case} {path_} row")
+    if cfg.device.startswith("cuda"):
+        expect(all(r["mfu_pct"] for r in rows if r["section"] == "pretrain"), "no MFU (unknown peak: --peak-tflops)")
+    return rows
 
-    def bench(extra, log, json_name, expect_paths):
-        """Run bench.py; on an out-of-memory error, again with half the batch. -> rows."""
-        batch = cfg.batch
-        while True:
-            path = os.path.join(cfg.out, json_name)
-            rc, text = run([py, "bench.py", *bench_args, *extra, "--json", path] + (["--batch", batch] if batch else []), log)
-            oom = rc != 0 and ("OutOfMemoryError" in text or "out of memory" in text)
-            if not oom or (batch or 256) <= 16:
-                break
-            batch = (batch or 256) // 2
-            print(f"  bench.py: out of memory, again with --batch {batch}", flush=True)
-        ran((rc, text), "bench.py")
-        with open(path) as f:
-            res = json.load(f)
-        state["bench_device"] = res["device"]
-        rows = res["rows"]
-        expect(rows and all(r["img_per_s"] > 0 and math.isfinite(r["img_per_s"]) for r in rows), "no or bad rows")
-        for section, case, path_ in expect_paths:
-            expect(any(r["section"] == section and case in r["case"] and r["path"] == path_ for r in rows),
-                   f"no {section} {case} {path_} row")
-        if cuda:
-            expect(all(r["mfu_pct"] for r in rows if r["section"] == "pretrain"), "no MFU (unknown peak: --peak-tflops)")
-        return rows
 
-    def part_bench():
-        want = [("pretrain", f"{s} <- {t}@{layer}", p) for s, t, layer in pair_names(cfg.pairs) for p in ("fast", "naive")] + \
-               [("seg", "LL-FPN", "fast"), ("slide", "window", "fast")]
-        rows = bench(["--only", "pretrain,seg,slide", "--pairs", cfg.pairs, "--amp", cfg.amp], "bench.log",
-                     "bench.json", want)
-        state["bench_rows"] = rows
-        big = max((r for r in rows if r["section"] == "pretrain"), key=lambda r: r["batch"])
-        return f"{len(rows)} rows, pre-training batch {big['batch']}", None
+def part_bench(cfg, run, state, work):
+    want = [("pretrain", f"{s} <- {t}@{layer}", p) for s, t, layer in pair_names(cfg.pairs) for p in ("fast", "naive")] + \
+           [("seg", "LL-FPN", "fast"), ("slide", "window", "fast")]
+    rows = run_bench(cfg, run, state, ["--only", "pretrain,seg,slide", "--pairs", cfg.pairs, "--amp", cfg.amp],
+                     "bench.log", "bench.json", want)
+    state["bench_rows"] = rows
+    big = max((r for r in rows if r["section"] == "pretrain"), key=lambda r: r["batch"])
+    return f"{len(rows)} rows, pre-training batch {big['batch']}", None
 
-    def part_compile():
-        # one bench.py process per case: running out of time costs only the cases not yet done
-        rows, gains = [], []
-        eager = {(r["section"], r["case"], r["path"], r["amp"]): r for r in state.get("bench_rows", [])}
-        state["compile_rows"] = rows
-        backend = cfg.compile_backend or ("eager" if tiny else "inductor")
-        sections, pairs = cfg.compile_only.split(","), [p for p in cfg.compile_pairs.split(",") if p]
-        cases = [(p, "pretrain") for p in pairs] if "pretrain" in sections else []
-        rest = [x for x in sections if x != "pretrain"]
-        if rest:  # the other sections in one more process (they need no pair; bench.py parses one anyway)
-            cases.append((pairs[0] if pairs else "vit_small=vit_base@9", ",".join(rest)))
-        for i, (pair, only) in enumerate(cases):
-            (s_, t_, layer), = pair_names(pair)
-            want = [("pretrain", f"{s_} <- {t_}@{layer}", "fast")] if only == "pretrain" else []
-            new = bench(["--only", only, "--pairs", pair, "--amp", cfg.compile_amp, "--compile", "--compile-backend",
-                         backend], "bench_compile.log", f"bench_compile{i + 1}.json", want)
-            for r in new:
-                r["compiled"] = r["path"] == "fast"  # bench.py compiles the fast path; naive stays eager
-                base = eager.get((r["section"], r["case"], r["path"], r["amp"]))
-                if r["compiled"] and base:
-                    r["x_eager"] = r["img_per_s"] / base["img_per_s"]
-                    gains.append(f"{r['case']} {r['amp']} x{r['x_eager']:.2f}")
-            rows += new
-        return f"{backend}, compiled vs eager: " + (", ".join(gains) if gains else "no eager rows to compare"), None
 
-    def part_profile():
-        text = ran(run([py, "gpu_check.py", "--part", "profile", "--device", cfg.device, "--out", cfg.out,
-                        "--profile", cfg.profile, "--profile-amp", cfg.profile_amp, "--batch", cfg.batch,
-                        "--seed", cfg.seed] + (["--tiny"] if tiny else []), "profile.log"), "gpu_check.py --part profile")
-        path = os.path.join(cfg.out, "profile.txt")
-        expect(os.path.exists(path), "no profile.txt")
-        print("\n".join("  " + line for line in text.splitlines()[-18:]))
-        return f"{cfg.profile}: the top ops in profile.txt", None
+def part_compile(cfg, run, state, work):
+    # one bench.py process per case: running out of time costs only the cases not yet done
+    rows, gains = [], []
+    eager = {(r["section"], r["case"], r["path"], r["amp"]): r for r in state.get("bench_rows", [])}
+    state["compile_rows"] = rows
+    backend = cfg.compile_backend or ("eager" if cfg.tiny else "inductor")
+    sections, pairs = cfg.compile_only.split(","), [p for p in cfg.compile_pairs.split(",") if p]
+    cases = [(p, "pretrain") for p in pairs] if "pretrain" in sections else []
+    rest = [x for x in sections if x != "pretrain"]
+    if rest:  # the other sections in one more process (they need no pair; bench.py parses one anyway)
+        cases.append((pairs[0] if pairs else "vit_small=vit_base@9", ",".join(rest)))
+    for i, (pair, only) in enumerate(cases):
+        (s_, t_, layer), = pair_names(pair)
+        want = [("pretrain", f"{s_} <- {t_}@{layer}", "fast")] if only == "pretrain" else []
+        new = run_bench(cfg, run, state, ["--only", only, "--pairs", pair, "--amp", cfg.compile_amp, "--compile",
+                                          "--compile-backend", backend], "bench_compile.log", f"bench_compile{i + 1}.json", want)
+        for r in new:
+            r["compiled"] = r["path"] == "fast"  # bench.py compiles the fast path; naive stays eager
+            base = eager.get((r["section"], r["case"], r["path"], r["amp"]))
+            if r["compiled"] and base:
+                r["x_eager"] = r["img_per_s"] / base["img_per_s"]
+                gains.append(f"{r['case']} {r['amp']} x{r['x_eager']:.2f}")
+        rows += new
+    return f"{backend}, compiled vs eager: " + (", ".join(gains) if gains else "no eager rows to compare"), None
 
-    todo = {"numerics": part_numerics, "pretrain": part_pretrain, "seg": part_seg, "predict": part_predict,
-            "bench": part_bench, "profile": part_profile, "compile": part_compile}
-    for name in cfg.parts.split(","):
-        t = time.time()
-        run.limit = t + PART_LIMITS[name]
-        print(f"\n== {name} (limit {min(PART_LIMITS[name], max(0, run.deadline - t)):.0f} s)", flush=True)
-        checks = None
-        try:
-            detail, checks = todo[name]()
-            status = "PASS"
-        except PartFailed as e:
-            status, detail = "FAIL", str(e)
-        except Exception as e:  # a bug of this script or a file the run did not write: reported, the rest runs
-            status, detail = "FAIL", f"{type(e).__name__}: {e}\n" + tail(traceback.format_exc(), 8)
-        parts.append({"name": name, "status": status, "seconds": round(time.time() - t, 1), "detail": detail,
-                      **({"checks": checks} if checks else {})})
-        print(f"{status:4s}  {name} ({parts[-1]['seconds']:.0f} s): {detail}", flush=True)
 
-    # ---------------------------------------------------------------- report
-    elapsed = time.time() - t_start
+def part_profile(cfg, run, state, work):
+    text = ran(run([sys.executable, "gpu_check.py", "--part", "profile", "--device", cfg.device, "--out", cfg.out,
+                    "--profile", cfg.profile, "--profile-amp", cfg.profile_amp, "--batch", cfg.batch,
+                    "--seed", cfg.seed] + (["--tiny"] if cfg.tiny else []), "profile.log"), "gpu_check.py --part profile")
+    path = os.path.join(cfg.out, "profile.txt")
+    expect(os.path.exists(path), "no profile.txt")
+    print("\n".join("  " + line for line in text.splitlines()[-18:]))
+    return f"{cfg.profile}: the top ops in profile.txt", None
+
+
+PARTS = {"numerics": part_numerics, "pretrain": part_pretrain, "seg": part_seg, "predict": part_predict,
+         "bench": part_bench, "profile": part_profile, "compile": part_compile}
+
+
+def run_part(name, part, cfg, run, state, work):
+    """One part under its time limit: -> its row {name, status, seconds, detail[, checks]}. A failure is
+    reported in the row, never raised: the next part still runs."""
+    t = time.time()
+    run.limit = t + PART_LIMITS[name]
+    print(f"\n== {name} (limit {min(PART_LIMITS[name], max(0, run.deadline - t)):.0f} s)", flush=True)
+    checks = None
+    try:
+        detail, checks = part(cfg, run, state, work)
+        status = "PASS"
+    except PartFailed as e:
+        status, detail = "FAIL", str(e)
+    except Exception as e:  # a bug of this script or a file the run did not write: reported, the rest runs
+        status, detail = "FAIL", f"{type(e).__name__}: {e}\n" + tail(traceback.format_exc(), 8)
+    row = {"name": name, "status": status, "seconds": round(time.time() - t, 1), "detail": detail,
+           **({"checks": checks} if checks else {})}
+    print(f"{status:4s}  {name} ({row['seconds']:.0f} s): {detail}", flush=True)
+    return row
+
+
+# ---------------------------------------------------------------- report
+def write_report(cfg, parts, state, versions, elapsed):
+    """The header line, the summary and bench tables (printed and in summary.md) and gpu_check.json. -> every
+    part passed."""
     device_name = state["device_name"] or state.get("bench_device") or cfg.device
     bench_rows = state.get("bench_rows", []) + state.get("compile_rows", [])
     ok = all(p["status"] == "PASS" for p in parts)
@@ -741,6 +747,37 @@ def main(argv=None):
         json.dump({"ok": ok, "device": device_name, **versions, "elapsed_s": round(elapsed, 1), "config": asdict(cfg),
                    "parts": parts, "bench": bench_rows}, f, indent=1)
     print(f"\nwrote {os.path.join(cfg.out, 'gpu_check.json')} and summary.md; logs in {cfg.out}", flush=True)
+    return ok
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    os.makedirs(cfg.out, exist_ok=True)
+    if cfg.part in ("numerics", "profile"):
+        return run_numerics_part(cfg) if cfg.part == "numerics" else run_profile_part(cfg)
+    if cfg.part:
+        raise SystemExit(f"--part {cfg.part!r}: numerics or profile")
+
+    t_start = time.time()
+    cuda = cfg.device.startswith("cuda")
+    work = cfg.work or tempfile.mkdtemp(prefix="gpu_check_")
+    os.makedirs(work, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "10"}
+    if not cuda:
+        env["OMP_NUM_THREADS"] = "1"  # several processes on few cores: no OpenMP spin-waiting
+    run = Runner(cfg, env)
+    versions = versions_of(cuda)
+    print(f"gpu_check | device {cfg.device}{' (tiny)' if cfg.tiny else ''} | " + " | ".join(f"{k} {v}" for k, v in versions.items())
+          + f" | budget {cfg.budget:.0f} s | out {cfg.out} | work {work}", flush=True)
+    print(json.dumps(asdict(cfg)), flush=True)
+
+    # ---------------------------------------------------------------- the parts, in --parts order
+    # the seg part starts from the pre-training part's student when that part wrote it
+    state = {"device_name": None, "student": os.path.join(work, "pretrain_full", "ckpt.pt")}
+    parts = [run_part(name, PARTS[name], cfg, run, state, work) for name in cfg.parts.split(",")]
+
+    # ---------------------------------------------------------------- report
+    ok = write_report(cfg, parts, state, versions, time.time() - t_start)
     if not cfg.work:
         shutil.rmtree(work, ignore_errors=True)
     return ok
@@ -764,4 +801,4 @@ def bench_table(rows):
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() in (True, None) else 1)
+    sys.exit(0 if common.run(main) in (True, None) else 1)  # 0 only when every part passed
