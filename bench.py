@@ -10,7 +10,7 @@ Speed, memory and model-FLOP utilisation (MFU) of the steps this project runs (U
   data      the data loader alone: SyntheticThermal (and an InfMix folder with --infrared) + PretrainTransform
 
     python bench.py                                  # every section, CUDA if there is one
-    python bench.py --device cpu                     # the CPU table of the README (bf16 where the CPU has it + fp32)
+    python bench.py --device cpu                     # the CPU table of docs/speed.md (bf16 where the CPU has it + fp32)
     python bench.py --quick --device cpu             # small sizes, under a minute on 2 CPU cores
     python bench.py --only pretrain --compile --json out.json
     python bench.py --only pretrain --pairs vit_small=vit_large@18 --amp bf16   # one case

@@ -28,7 +28,7 @@ Results: OUT/results.md (the tables, commit, command, stage times) and OUT/resul
     python demo.py --teacher dinov2_vits14.pth --teacher-arch dinov2_vits14 \\
         --unlabelled DIR1,DIR2 --labelled buffalo_udder_thermal_seg \\
         --classes background,udder --label-map 255:1 --rows scratch,rule,peak,closest,teacher \\
-        --seeds 5 --distill-seeds 1 --teacher-seeds 2 --curve-steps 150,300,600,1200   # real (see README)
+        --seeds 5 --distill-seeds 1 --teacher-seeds 2 --curve-steps 150,300,600,1200   # real (see docs/results.md)
 
 Every stage is the real script with its real command line (printed before it runs), so this file
 doubles as a worked example. Outputs land in --out; a stage that already finished is not run again

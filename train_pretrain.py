@@ -268,7 +268,7 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- data
     if not cfg.teacher:
-        raise SystemExit("--teacher is required: a pre-trained ViT checkpoint (see README: MAE-L, iBOT-L, "
+        raise SystemExit("--teacher is required: a pre-trained ViT checkpoint (see docs/recipes.md: MAE-L, iBOT-L, "
                          "DINO-B), or 'random' for a smoke test. `python demo.py` trains one from scratch.")
     dataset = pretrain_dataset(cfg, say)
     accum = cfg.accum_steps or max(1, cfg.effective_batch // (cfg.batch_size * rt.world))

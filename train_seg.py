@@ -28,7 +28,7 @@ fine-tuning, as in the reference. A crop that is not a multiple of the patch (DI
 to the next multiple, in training (label 255 on the pad) and in the sliding windows, as DINOv2's CenterPadding. The distilled last block is re-split into the preset's head
 count (the reference does so); --keep-distilled-heads keeps the checkpoint's. As in every reference config,
 each block gets trainable layer-scale factors initialised to 1.0 (--layer-scale 0: none). The reference's
-relative position bias is not built (see the README's differences).
+relative position bias is not built (see docs/design.md, the differences from the authors' code).
 Multi-GPU: BatchNorm becomes SyncBatchNorm under torchrun on CUDA (PyTorch has no CPU SyncBatchNorm: with
 gloo on CPUs each process keeps its own statistics). Evaluation splits the images over the processes and sums
 the confusion matrices.
@@ -63,7 +63,7 @@ SCHEDULES = {"soda": (14400, 1500), "mfnet": (9800, 1000), "scut": (16800, 1700)
 EVAL_EVERY = {"soda": 800, "mfnet": 700, "scut": 800}  # the reference's evaluation intervals; others: 2000
 VAL_SPLITS = {"soda": "test", "mfnet": "val", "scut": "val"}
 # The reference's ViT-L configs (the MAE-L baseline): out_indices 7/11/15/23, samples_per_gpu 2. Its
-# use_rel_pos_bias=True is not reproduced: see the README's differences.
+# use_rel_pos_bias=True is not reproduced: see docs/design.md.
 LARGE_RECIPE = {"drop_path": 0.2, "layer_decay": 0.65, "pyramid": "multi", "batch_size": 2}
 
 
@@ -383,7 +383,7 @@ def recipe_notes(cfg, crop, patch, finetune):
     if cfg.model == "vit_large":
         notes.append("vit_large: the reference's MAE-L recipe unless a flag overrides it (drop path 0.2, layer decay "
                      "0.65, pyramid from blocks 8/12/16/24, 2 images per GPU; 4 GPUs make its batch 8); its relative "
-                     "position bias is not built (README: how this differs from the authors' code)")
+                     "position bias is not built (docs/design.md: how this differs from the authors' code)")
     return notes
 
 

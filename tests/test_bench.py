@@ -162,10 +162,11 @@ def test_auto_amp_stays_fp32_when_the_private_cpu_checks_are_missing_or_fail(cpu
 
 def test_every_script_defaults_to_auto_and_the_bench_banner_says_why(cpu_units, capsys):
     import inspect
+    import common
     import train_pretrain
     import train_seg
     for mod in (train_pretrain, train_seg, bench):
-        assert mod.parse_config([]).amp.split(",")[0] == "auto", mod.__name__
+        assert common.parse_config(mod.Config, []).amp.split(",")[0] == "auto", mod.__name__
         assert "AVX512-BF16" in inspect.getsource(mod.Config), mod.__name__  # the --help text names the units
     cpu_units("amx")
     threads = torch.get_num_threads()
