@@ -23,12 +23,7 @@ import unip  # noqa: E402
 ORIENTATION = 0x0112  # EXIF tag; 6 = "rotate 90 degrees clockwise to display", 8 = counter-clockwise, 3 = 180
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors; idle OpenMP threads spin-wait on a busy machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def frame(h=24, w=40, seed=0):
