@@ -539,7 +539,7 @@ def layer_nmi(model, images, layers=None, drop_cls=True):
 
 
 # -----------------------------------------------------------------------------
-# 5. NMI-HAD distillation loss (UNIP §3.2)
+# 5. NMI-HAD (UNIP §3.2): the distillation loss, the teacher's view of the crop
 
 
 def distill_loss(student_logits, teacher_logits):
