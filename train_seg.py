@@ -117,9 +117,23 @@ class Config:
     resume: str = ""                    # checkpoint to resume from, or 'auto' (OUT/ckpt.pt if it exists)
 
 
+CHOICES = {"mode": ["finetune", "linear", "layer-linear"], "pyramid": ["ll", "multi"], "model": list(unip.PRESETS)}
+
+
 def parse_config(argv=None) -> Config:
     # --model vit_large: the reference's ViT-L recipe as defaults; flags on the command line still win
-    return common.parse_config(Config, argv, __doc__, recipe=lambda c: LARGE_RECIPE if c.model == "vit_large" else None)
+    return common.parse_config(Config, argv, __doc__, CHOICES,
+                               recipe=lambda c: LARGE_RECIPE if c.model == "vit_large" else None)
+
+
+def inference_arch(cfg, seg, crop, stride, classes, palette):
+    """What unip.load_segmenter needs to rebuild this model for inference (predict.py), stored in every
+    checkpoint as 'segmenter'."""
+    finetune = cfg.mode == "finetune"
+    return dict(model=cfg.model, img_size=crop, last_heads=seg.backbone.blocks[-1].attn.heads,
+                layer_scale=cfg.layer_scale if finetune else 0.0, num_classes=seg.num_classes, mode=cfg.mode,
+                layers=list(seg.layers), aux=seg.aux_head is not None, classes=list(classes),
+                palette=[list(c) for c in palette], crop=crop, stride=stride, short_side=cfg.eval_size or crop)
 
 
 def poly_lr(step, base, iters, warmup, ratio=1e-6):
@@ -392,10 +406,6 @@ def main(argv=None):
     cfg = parse_config(argv)
     crop = cfg.crop or (128 if cfg.dataset == "synthetic" else 512)
     finetune = cfg.mode == "finetune"
-    for name, value, allowed in [("mode", cfg.mode, ("finetune", "linear", "layer-linear")),
-                                 ("pyramid", cfg.pyramid, ("ll", "multi")), ("model", cfg.model, tuple(unip.PRESETS))]:
-        if value not in allowed:
-            raise SystemExit(f"--{name} {value!r}: choose one of {', '.join(allowed)}")
 
     # ------------------------------------------------------------------ distributed setup
     rt = common.setup_distributed(cfg.device)
@@ -433,11 +443,7 @@ def main(argv=None):
     # a backbone that trains takes the attention path that trains fastest here; a frozen one (linear probes) SDPA
     unip.set_fused_attention(backbone, unip.sdpa_for_training(device, amp) if finetune else True)
     stride = cfg.eval_stride or crop * 2 // 3
-    # what unip.load_segmenter needs to rebuild this model for inference (predict.py), stored in every checkpoint
-    arch = dict(model=cfg.model, img_size=crop, last_heads=backbone.blocks[-1].attn.heads,
-                layer_scale=cfg.layer_scale if finetune else 0.0, num_classes=K, mode=cfg.mode, layers=list(seg.layers),
-                aux=seg.aux_head is not None, classes=class_names, palette=[list(c) for c in train_set.palette],
-                crop=crop, stride=stride, short_side=cfg.eval_size or crop)
+    arch = inference_arch(cfg, seg, crop, stride, class_names, train_set.palette)
     if rt.ddp and device.type == "cuda":
         seg = nn.SyncBatchNorm.convert_sync_batchnorm(seg)  # batch 8 over GPUs: BN statistics over all of it
         rt.print(f"BatchNorm -> SyncBatchNorm over {world} process{'es' if world > 1 else ' (plain BatchNorm)'}")
