@@ -74,6 +74,8 @@ class Config:
     data_root: str = ""                 # dataset folder (everything but synthetic)
     img_dir: str = "images"             # folder: image folder inside --data-root
     label_dir: str = "labels"           # folder: label folder inside --data-root (same stems as the images)
+    val_img_dir: str = ""               # folder: evaluation images, when the splits sit in separate folders (default: --img-dir)
+    val_label_dir: str = ""             # folder: evaluation label folder inside --data-root (default: --label-dir)
     img_suffix: str = ".png"            # folder: image file ending
     label_suffix: str = ".png"          # folder: label file ending
     train_split: str = ""               # folder: file of training stems in --data-root (default: every image)
@@ -210,9 +212,11 @@ def build_datasets(cfg, crop, say):
         kw = dict(img_suffix=cfg.img_suffix, label_suffix=cfg.label_suffix, classes=classes,
                   label_map=parse_label_map(cfg.label_map), seed=cfg.seed, **chan)
         dirs = os.path.join(cfg.data_root, cfg.img_dir), os.path.join(cfg.data_root, cfg.label_dir)
+        val_dirs = (os.path.join(cfg.data_root, cfg.val_img_dir or cfg.img_dir),
+                    os.path.join(cfg.data_root, cfg.val_label_dir or cfg.label_dir))
         split = lambda s: os.path.join(cfg.data_root, s) if s else None
         train_set = data.SegFolder(*dirs, split(cfg.train_split), transform=train_tf, **kw)
-        val_set = data.SegFolder(*dirs, split(cfg.val_split), transform=eval_tf, **kw)
+        val_set = data.SegFolder(*val_dirs, split(cfg.val_split), transform=eval_tf, **kw)
     else:
         raise SystemExit(f"unknown --dataset {cfg.dataset!r}: synthetic | soda | mfnet | scut | folder")
     return train_set, val_set
@@ -340,7 +344,8 @@ def synced_loss(loss_acc, rt, step, last_ckpt):
 @torch.no_grad()
 def evaluate(seg, val_set, n_eval, crop, stride, autocast, rt, workers=0, num_samples=4, seed=0):
     """Sliding-window evaluation of this rank's share of the first n_eval images; confusion summed over
-    ranks. Returns the (K, K) confusion matrix and a few (index, prediction) pairs of rank 0."""
+    ranks. Returns the (K, K) confusion matrix, a few (index, prediction) pairs of rank 0, and every image's
+    (index, intersection per class, union per class), gathered from all ranks, for per-image scores."""
     K, attns = seg.num_classes, [m for m in seg.modules() if isinstance(m, unip.Attention)]
     training_fused = [m.fused for m in attns]
     seg.eval()
@@ -348,25 +353,31 @@ def evaluate(seg, val_set, n_eval, crop, stride, autocast, rt, workers=0, num_sa
     idx = list(range(n_eval))[rt.rank::rt.world]
     loader = DataLoader(val_set, batch_size=1, sampler=idx, num_workers=workers,
                         generator=torch.Generator().manual_seed(seed))
-    conf, samples = torch.zeros(K, K, dtype=torch.int64, device=rt.device), []
+    conf, samples, per_image = torch.zeros(K, K, dtype=torch.int64, device=rt.device), [], []
     for i, (x, y) in zip(idx, tqdm(loader, desc="eval", leave=False, disable=not rt.master)):
         x, y = x.to(rt.device), y.to(rt.device)  # (1, 3, h', w') resized, (1, H, W) original size
         with autocast():
             logits = unip.slide_inference(seg, x, K, crop, stride)  # (1, K, h', w')
         pred = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False).argmax(1)
-        conf += unip.confusion_matrix(pred, y, K)
+        c = unip.confusion_matrix(pred, y, K)  # (K, K) of this image
+        conf += c
+        per_image.append((i, c.diag().tolist(), (c.sum(0) + c.sum(1) - c.diag()).tolist()))
         if len(samples) < num_samples:
             samples.append((i, pred[0].cpu().numpy()))
     if rt.ddp:
         dist.all_reduce(conf)
+        shares = [None] * rt.world
+        dist.all_gather_object(shares, per_image)
+        per_image = sorted(r for share in shares for r in share)
     for m, fused in zip(attns, training_fused):  # back to the training path
         m.fused = fused
     seg.train()
-    return conf.cpu(), samples
+    return conf.cpu(), samples, per_image
 
 
-def report(conf, samples, val_set, step, epoch, out, master):
-    """Print the per-class IoU table, log it, save image | label | prediction PNGs. Returns mIoU (%)."""
+def report(conf, samples, per_image, val_set, step, epoch, out, master):
+    """Print the per-class IoU table, log it, write every image's IoU per class to per_image.json (with the
+    pixel counts behind it, so any subset can be re-scored), save image | label | prediction PNGs. Returns mIoU (%)."""
     class_names = list(val_set.classes)
     iou = unip.iou_from_confusion(conf) * 100
     miou, acc = torch.nanmean(iou).item(), (conf.diag().sum() / conf.sum().clamp_min(1)).item() * 100
@@ -376,6 +387,11 @@ def report(conf, samples, val_set, step, epoch, out, master):
             f"  {c:<{w}} {v:6.2f}" for c, v in zip(class_names + ["mIoU", "pixel acc"], iou.tolist() + [miou, acc])))
         common.log_row(out, {"step": step, "epoch": epoch, "miou": miou, "acc": acc,
                              "iou": {c: (None if math.isnan(v) else v) for c, v in zip(class_names, iou.tolist())}})
+        scores = {val_set.name(i): {"iou": [None if u == 0 else 100 * n / u for n, u in zip(inter, union)],
+                                    "intersection": inter, "union": union} for i, inter, union in per_image}
+        with open(os.path.join(out, "per_image.json.tmp"), "w") as f:
+            json.dump({"step": step, "classes": class_names, "images": scores}, f)
+        os.replace(os.path.join(out, "per_image.json.tmp"), os.path.join(out, "per_image.json"))
         for i, pred in samples:
             img, label = val_set.load(i)  # (H, W) uint8, (H, W) int64 at the original size
             panels = [np.repeat(img[..., None], 3, 2), data.colorize(label, val_set.palette),
@@ -490,8 +506,9 @@ def main(argv=None):
             unip.save_checkpoint(obj, path)
 
     def evaluate_and_report():  # -> mIoU (%)
-        conf, samples = evaluate(seg, val_set, n_eval, crop, stride, autocast, rt, cfg.workers, cfg.num_samples, cfg.seed)
-        return report(conf, samples, val_set, step, step // steps_per_epoch, cfg.out, rt.master)
+        conf, samples, per_image = evaluate(seg, val_set, n_eval, crop, stride, autocast, rt, cfg.workers,
+                                            cfg.num_samples, cfg.seed)
+        return report(conf, samples, per_image, val_set, step, step // steps_per_epoch, cfg.out, rt.master)
 
     if cfg.eval_only:
         evaluate_and_report()

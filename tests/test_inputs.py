@@ -1,5 +1,5 @@
 """Tests of the inputs users actually have: the 4-channel rule (MFNet's RGB-T PNGs vs plain alpha), EXIF orientation
-on every decoding path, image/label size checks from the file headers before any training (train_seg.py, demo.py),
+on every decoding path, image/label size checks from the file headers before any training (train_seg.py, tools/real_data.py),
 predict.py's output names and end counts. Small files made in each test, CPU only; UNIP_SAMPLE_DATA=/path/to/shared/data
 adds the two real MFNet frames."""
 import os
@@ -16,7 +16,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
-import demo  # noqa: E402
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import real_data  # noqa: E402
 import predict  # noqa: E402
 import unip  # noqa: E402
 
@@ -228,13 +229,13 @@ def test_train_seg_stops_before_training_on_mismatched_pairs(tmp_path):
     assert "left out 2 validation pairs" in p.stdout and (out / "ckpt.pt").exists()
 
 
-def test_demo_checks_the_labelled_pairs_before_its_first_stage(tmp_path):
+def test_real_data_checks_the_labelled_pairs_before_its_first_stage(tmp_path):
     root = tmp_path / "set"
     labelled(root, [(40, 48)] * 3, [(40, 48), (40, 48), (48, 40)])
     (tmp_path / "frames").mkdir()
     out = tmp_path / "demo"
     with pytest.raises(SystemExit, match=r"1 image/label pairs differ in size: .*f2\.png is 40x48 but"):
-        demo.main(["--teacher", str(tmp_path / "teacher.pth"), "--unlabelled", str(tmp_path / "frames"),
+        real_data.main(["--teacher", str(tmp_path / "teacher.pth"), "--unlabelled", str(tmp_path / "frames"),
                    "--labelled", str(root), "--out", str(out)])
     assert os.listdir(out) == []  # no split written, no stage run
 

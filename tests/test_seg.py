@@ -262,14 +262,19 @@ def test_evaluation_runs_sdpa_and_gives_training_back_its_attention_path():
     for blk in seg.backbone.blocks:
         blk.attn.register_forward_pre_hook(lambda m, a: seen.append(m.fused))
     rt = common.Runtime(ddp=False, rank=0, local_rank=0, world=1, device=torch.device("cpu"), master=True)
-    conf, samples = train_seg.evaluate(seg, val, 2, 64, 42, lambda: torch.autocast("cpu", enabled=False), rt,
-                                       num_samples=1)
+    conf, samples, per_image = train_seg.evaluate(seg, val, 2, 64, 42, lambda: torch.autocast("cpu", enabled=False),
+                                                  rt, num_samples=1)
     assert seen and all(seen)
     assert seg.training and not any(blk.attn.fused for blk in seg.backbone.blocks)
     # every labelled pixel of the 2 images, at the label's own size, counted once
     labelled = sum(int((torch.as_tensor(val.load(i)[1]) != 255).sum()) for i in range(2))
     assert conf.shape == (val.num_classes,) * 2 and int(conf.sum()) == labelled
     assert [i for i, _ in samples] == [0] and samples[0][1].shape == val.load(0)[1].shape
+    # per image: intersections and unions that add up to the summed confusion's
+    assert [i for i, _, _ in per_image] == [0, 1]
+    inter, union = torch.tensor([r[1] for r in per_image]).sum(0), torch.tensor([r[2] for r in per_image])
+    assert torch.equal(inter, conf.diag())
+    assert torch.equal(union.sum(0), conf.sum(0) + conf.sum(1) - conf.diag())  # pixel counts add up over images
 
 
 @pytest.fixture(scope="module")
