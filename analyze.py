@@ -38,7 +38,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-import common
+import plumbing
 import data
 import unip
 
@@ -72,7 +72,7 @@ class Config:
 
 def parse_config(argv=None) -> Config:
     # lists repeat or take comma lists (--checkpoint a.pth,b.pth); tuples take their values after one flag
-    return common.parse_config(Config, argv, __doc__)
+    return plumbing.parse_config(Config, argv, __doc__)
 
 
 # -----------------------------------------------------------------------------
@@ -372,7 +372,7 @@ def main(argv=None):
     cfg = parse_config(argv)
     print(json.dumps(asdict(cfg), indent=1))
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    amp, amp_why, autocast = common.precision(cfg.amp, device)  # as train_pretrain.py --teacher-layer auto measures
+    amp, amp_why, autocast = plumbing.precision(cfg.amp, device)  # as train_pretrain.py --teacher-layer auto measures
     print(f"device {device} | amp {amp} ({amp_why})")
     ckpts, archs = cfg.checkpoint, cfg.arch * len(cfg.checkpoint) if len(cfg.arch) == 1 else cfg.arch
     if len(archs) != len(ckpts) or any(a not in unip.PRESETS for a in archs):
@@ -462,4 +462,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run(main)
+    plumbing.run(main)

@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-import common
+import plumbing
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODES = {"finetune": "fine-tune (LL-FPN + UperNet)", "linear": "linear probe"}
@@ -142,7 +142,7 @@ def evaluate(stage, seg_args, iters, folder, row, init, seed, mode):
 
 
 def main(argv=None):
-    cfg = common.parse_config(Config, argv, __doc__, check=check_config)
+    cfg = plumbing.parse_config(Config, argv, __doc__, check=check_config)
     if cfg.fresh and os.path.isdir(cfg.out):
         shutil.rmtree(cfg.out)
     os.makedirs(cfg.out, exist_ok=True)
@@ -204,4 +204,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run(main)
+    plumbing.run(main)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-import common
+import plumbing
 import data
 import unip
 
@@ -99,11 +99,11 @@ def read_frame(path, channel, rgbt):
 
 def main(argv=None):
     # ------------------------------------------------------------------ config and setup
-    cfg = common.parse_config(Config, argv, __doc__)
+    cfg = plumbing.parse_config(Config, argv, __doc__)
     if not cfg.checkpoint or not cfg.images:
         raise SystemExit("give --checkpoint (a train_seg.py checkpoint) and --images (a folder, an image or a .txt list)")
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    amp, amp_why, autocast = common.precision(cfg.amp, device)  # on CUDA also TF32, as train_seg.py evaluates
+    amp, amp_why, autocast = plumbing.precision(cfg.amp, device)  # on CUDA also TF32, as train_seg.py evaluates
 
     # ------------------------------------------------------------------ images and model
     paths, root = image_paths(cfg.images)
@@ -162,4 +162,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run(main)  # a missing file, a damaged checkpoint: one line, no traceback
+    plumbing.run(main)  # a missing file, a damaged checkpoint: one line, no traceback

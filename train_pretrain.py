@@ -26,10 +26,10 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-import common
+import plumbing
 import data
 import unip
 
@@ -121,14 +121,6 @@ def pretrain_dataset(cfg, say):
     return dataset
 
 
-def resume_path(resume, out):
-    """--resume: a path, '' (none) or 'auto' (OUT/ckpt.pt when it exists, else none)."""
-    if resume != "auto":
-        return resume
-    path = os.path.join(out, "ckpt.pt")
-    return path if os.path.exists(path) else ""
-
-
 def measure_teacher_layer(teacher, dataset, teacher_size, cfg, rt, autocast):
     """--teacher-layer auto: mean NMI of every layer over --nmi-images training images, spread evenly over the
     set; the layer --layer-rule picks for --nmi-target. Prints the table; rank 0's choice binds every rank."""
@@ -180,7 +172,7 @@ def resume_from(ckpt, student, optimizer, scaler, rt, seed):
     scaler.load_state_dict(ckpt["scaler"])
     step = ckpt["step"]
     rng = ckpt["rng"]
-    if not common.restore_rng(rt, rng, seed, step):  # each process continues its own stream, if it can
+    if not plumbing.restore_rng(rt, rng, seed, step):  # each process continues its own stream, if it can
         runs_on = len(rng["ranks"] if "ranks" in rng else rng["torch"])
         rt.print(f"resuming on {rt.world} processes from a run on {runs_on}: random streams re-seeded")
     return step
@@ -189,21 +181,11 @@ def resume_from(ckpt, student, optimizer, scaler, rt, seed):
 def save_pretrain(path, student, optimizer, scaler, step, steps_per_epoch, config, rt):
     """The student (a full ViT), optimiser, scaler, step, config and every process's random state; a collective
     call under DDP (the random states are gathered), written by rank 0."""
-    rng = common.rng_state(rt)
+    rng = plumbing.rng_state(rt)
     if rt.master:
         unip.save_checkpoint({"model": student.state_dict(), "optimizer": optimizer.state_dict(),
                               "scaler": scaler.state_dict(), "step": step, "epoch": step / steps_per_epoch,
                               "config": config, "rng": rng}, path)
-
-
-def epoch_batches(dataset, sampler, epoch, skip, batch_size, workers, seed, device):
-    """An iterator over this process's batches of `epoch`, the first `skip` samples left out (a mid-epoch resume)."""
-    sampler.set_epoch(epoch)
-    dataset.set_epoch(epoch)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=list(sampler)[skip:], drop_last=True,
-                        num_workers=workers, pin_memory=device.type == "cuda",
-                        generator=torch.Generator().manual_seed(seed + epoch))
-    return iter(loader)
 
 
 def optimiser_step(model, teacher_fn, batches, optimizer, scaler, autocast, accum, ddp, device):
@@ -226,30 +208,6 @@ def optimiser_step(model, teacher_fn, batches, optimizer, scaler, autocast, accu
     return losses
 
 
-def mean_loss(loss_sum, loss_n, ddp):
-    """The mean loss since the last call, over every process: the only host sync (log and save points)."""
-    v = loss_sum / max(loss_n, 1)
-    if ddp:
-        dist.all_reduce(v, op=dist.ReduceOp.AVG)
-    return v.item()
-
-
-def progress_row(step, steps_per_epoch, loss, lr, steps, seconds, eff_batch, device):
-    """One log line: where the run is, the mean loss, the lr, and the speed over the last `steps` steps."""
-    row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss, "lr": lr,
-           "img_per_s": round(steps * eff_batch / seconds, 2), "ms_per_step": round(1000 * seconds / max(steps, 1), 1)}
-    if device.type == "cuda":
-        row["mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-    return row
-
-
-def check_finite(value, step, ckpt_path):
-    """A non-finite loss stops the run before anything else is saved."""
-    if not math.isfinite(value):
-        raise FloatingPointError(f"non-finite loss {value} at step {step}; the last good checkpoint "
-                                 f"is {ckpt_path if os.path.exists(ckpt_path) else 'none (none saved yet)'}")
-
-
 def keep_copy(src, dst):
     """A kept copy of a checkpoint (OUT/epochN.pt), atomic as the checkpoint itself."""
     shutil.copyfile(src, dst + ".tmp")
@@ -257,13 +215,13 @@ def keep_copy(src, dst):
 
 
 def main(argv=None):
-    cfg = common.parse_config(Config, argv, __doc__, CHOICES)
+    cfg = plumbing.parse_config(Config, argv, __doc__, CHOICES)
 
     # ---------------------------------------------------------------- distributed setup
-    rt = common.setup_distributed(cfg.device)
+    rt = plumbing.setup_distributed(cfg.device)
     device, say = rt.device, rt.print
     torch.manual_seed(cfg.seed + rt.rank)
-    amp, amp_why, autocast = common.precision(cfg.amp, device)
+    amp, amp_why, autocast = plumbing.precision(cfg.amp, device)
     os.makedirs(cfg.out, exist_ok=True)
 
     # ---------------------------------------------------------------- data
@@ -300,7 +258,7 @@ def main(argv=None):
         unip.load_pretrained(teacher, cfg.teacher, upto_layer=layer_hint, verbose=rt.master)
     teacher.eval().requires_grad_(False)
 
-    resume = resume_path(cfg.resume, cfg.out)
+    resume = plumbing.resume_path(cfg.resume, cfg.out)
     ckpt = unip.load_checkpoint(resume) if resume else None
     if ckpt is not None:  # the layer chosen when the run started, never re-measured
         layer = int(ckpt["config"]["teacher_layer"])
@@ -369,7 +327,7 @@ def main(argv=None):
     while step < last_step:
         epoch = step // steps_per_epoch
         skip = (step % steps_per_epoch) * accum * cfg.batch_size  # resuming mid-epoch: skip what was seen
-        batches = epoch_batches(dataset, sampler, epoch, skip, cfg.batch_size, cfg.workers, cfg.seed, device)
+        batches = iter(plumbing.epoch_loader(dataset, sampler, epoch, skip, cfg.batch_size, cfg.workers, cfg.seed, device))
         while step < last_step and step // steps_per_epoch == epoch:
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(step, lr, cfg.min_lr, warmup, total_steps)
@@ -379,17 +337,17 @@ def main(argv=None):
             bar.update(1)
 
             if step % cfg.log_every == 0 or step == last_step:
-                value = mean_loss(loss_sum, loss_n, rt.ddp)
+                value = plumbing.mean_loss(loss_sum, loss_n, rt.ddp)
                 loss_sum, loss_n = torch.zeros((), device=device), 0
-                check_finite(value, step, ckpt_path)
-                row = progress_row(step, steps_per_epoch, value, optimizer.param_groups[0]["lr"],
-                                   step - t_step, time.time() - t0, eff_batch, device)
+                plumbing.check_finite(value, step, ckpt_path)
+                row = plumbing.progress_row(step, step / steps_per_epoch, value, optimizer.param_groups[0]["lr"],
+                                            step - t_step, time.time() - t0, eff_batch, device)
                 bar.set_postfix(loss=f"{value:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['img_per_s']:.0f}")
-                common.log_row(cfg.out, row, rt.master)
+                plumbing.log_row(cfg.out, row, rt.master)
                 t0, t_step = time.time(), step
             if step % cfg.save_every == 0 or step % steps_per_epoch == 0 or step == last_step or step in keep_steps:
                 if loss_n:
-                    check_finite(mean_loss(loss_sum, loss_n, rt.ddp), step, ckpt_path)
+                    plumbing.check_finite(plumbing.mean_loss(loss_sum, loss_n, rt.ddp), step, ckpt_path)
                     loss_sum, loss_n = torch.zeros((), device=device), 0
                 save(ckpt_path)
                 if step in keep_steps:  # snapshots of one schedule: a distillation-length curve from one run
@@ -407,4 +365,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run(main)
+    plumbing.run(main)

@@ -54,7 +54,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-import common
+import plumbing
 import data
 import unip
 
@@ -124,7 +124,7 @@ CHOICES = {"mode": ["finetune", "linear", "layer-linear"], "pyramid": ["ll", "mu
 
 def parse_config(argv=None) -> Config:
     # --model vit_large: the reference's ViT-L recipe as defaults; flags on the command line still win
-    return common.parse_config(Config, argv, __doc__, CHOICES,
+    return plumbing.parse_config(Config, argv, __doc__, CHOICES,
                                recipe=lambda c: LARGE_RECIPE if c.model == "vit_large" else None)
 
 
@@ -251,16 +251,6 @@ def schedule(cfg, n_train):
     return iters, warmup, stop, eval_every
 
 
-def epoch_loader(train_set, sampler, epoch, skip, bs, workers, pin, seed):
-    """The batches of one epoch from its `skip`-th on: every rank draws its own part of the epoch, the list is
-    re-made per epoch, so a resumed run continues in the middle of one."""
-    train_set.set_epoch(epoch)
-    sampler.set_epoch(epoch)
-    idx = list(sampler)[skip * bs:]
-    return DataLoader(train_set, batch_size=bs, sampler=idx, num_workers=workers, drop_last=True, pin_memory=pin,
-                      generator=torch.Generator().manual_seed(seed))  # workers' seeds never touch the global RNG
-
-
 # ----------------------------------------------------------------------------- model
 
 
@@ -308,7 +298,7 @@ def resume_from(path, seg, opt, scaler, cfg, rt):
     if "optimizer" in ck:
         opt.load_state_dict(ck["optimizer"])
         scaler.load_state_dict(ck["scaler"])
-        common.restore_rng(rt, ck["rng"], cfg.seed, ck["step"])  # same world size: each rank continues its stream
+        plumbing.restore_rng(rt, ck["rng"], cfg.seed, ck["step"])  # same world size: each rank continues its stream
     return ck["step"], ck.get("best_miou", -1.0), ck.get("best_step", -1)
 
 
@@ -329,19 +319,6 @@ def train_step(model, opt, scaler, x, y, lr, aux_weight, autocast):
     return loss.detach()
 
 
-def synced_loss(loss_acc, rt, step, last_ckpt):
-    """Mean loss over ranks of loss_acc = [sum of losses, steps]; raises on a non-finite one, so that nothing is
-    saved from a diverged model (the last good checkpoint is named)."""
-    t = loss_acc.clone()
-    if rt.ddp:
-        dist.all_reduce(t)
-    v = (t[0] / t[1].clamp_min(1)).item()
-    if not math.isfinite(v):
-        raise FloatingPointError(f"non-finite loss at step {step}: {v}; last good checkpoint: {last_ckpt}")
-    return v
-
-
-@torch.no_grad()
 def evaluate(seg, val_set, n_eval, crop, stride, autocast, rt, workers=0, num_samples=4, seed=0):
     """Sliding-window evaluation of this rank's share of the first n_eval images; confusion summed over
     ranks. Returns the (K, K) confusion matrix, a few (index, prediction) pairs of rank 0, and every image's
@@ -385,7 +362,7 @@ def report(conf, samples, per_image, val_set, step, epoch, out, master):
         w = max(len(c) for c in class_names + ["mIoU"])
         tqdm.write(f"step {step}: IoU per class (%)\n" + "\n".join(
             f"  {c:<{w}} {v:6.2f}" for c, v in zip(class_names + ["mIoU", "pixel acc"], iou.tolist() + [miou, acc])))
-        common.log_row(out, {"step": step, "epoch": epoch, "miou": miou, "acc": acc,
+        plumbing.log_row(out, {"step": step, "epoch": epoch, "miou": miou, "acc": acc,
                              "iou": {c: (None if math.isnan(v) else v) for c, v in zip(class_names, iou.tolist())}})
         scores = {val_set.name(i): {"iou": [None if u == 0 else 100 * n / u for n, u in zip(inter, union)],
                                     "intersection": inter, "union": union} for i, inter, union in per_image}
@@ -424,11 +401,11 @@ def main(argv=None):
     finetune = cfg.mode == "finetune"
 
     # ------------------------------------------------------------------ distributed setup
-    rt = common.setup_distributed(cfg.device)
+    rt = plumbing.setup_distributed(cfg.device)
     device, world = rt.device, rt.world
     rt.print(json.dumps(asdict(cfg), indent=1))
     torch.manual_seed(cfg.seed + rt.rank)  # drop_path and Dropout2d draw from here; saved in checkpoints
-    amp, amp_why, autocast = common.precision(cfg.amp, device)  # on CUDA also TF32 for fp32 matmuls
+    amp, amp_why, autocast = plumbing.precision(cfg.amp, device)  # on CUDA also TF32 for fp32 matmuls
     bs = cfg.batch_size or max(1, 8 // world)
     if device.type == "cuda":  # fixed crop and window sizes: let cuDNN pick its kernels once
         torch.backends.cudnn.benchmark = True
@@ -478,8 +455,8 @@ def main(argv=None):
 
     # ------------------------------------------------------------------ resume
     step, best, best_step, last_ckpt = 0, -1.0, -1, None
-    resume = os.path.join(cfg.out, "ckpt.pt") if cfg.resume == "auto" else cfg.resume
-    if resume and not (cfg.resume == "auto" and not os.path.exists(resume)):
+    resume = plumbing.resume_path(cfg.resume, cfg.out)
+    if resume:
         step, best, best_step = resume_from(resume, seg, opt, scaler, cfg, rt)
         last_ckpt = resume
         rt.print(f"resumed from {resume} at step {step}")
@@ -501,7 +478,7 @@ def main(argv=None):
                "classes": class_names, "best_miou": best, "best_step": best_step,
                "last_heads": backbone.blocks[-1].attn.heads, "segmenter": arch}
         if full:
-            obj.update(optimizer=opt.state_dict(), scaler=scaler.state_dict(), rng=common.rng_state(rt))
+            obj.update(optimizer=opt.state_dict(), scaler=scaler.state_dict(), rng=plumbing.rng_state(rt))
         if rt.master:
             unip.save_checkpoint(obj, path)
 
@@ -517,39 +494,37 @@ def main(argv=None):
         return
 
     # ------------------------------------------------------------------ loop
-    loss_acc = torch.zeros(2, device=device)  # [sum of losses, steps] since the last log row
+    loss_sum, loss_n = torch.zeros((), device=device), 0  # since the last log row
     pbar = tqdm(total=stop, initial=step, disable=not rt.master, dynamic_ncols=True)
     t0, t_step = time.time(), step
     seg.train()
     while step < stop:
         epoch = step // steps_per_epoch
-        loader = epoch_loader(train_set, sampler, epoch, step - epoch * steps_per_epoch, bs, cfg.workers,
-                              device.type == "cuda", cfg.seed)
+        loader = plumbing.epoch_loader(train_set, sampler, epoch, (step - epoch * steps_per_epoch) * bs, bs,
+                                       cfg.workers, cfg.seed, device)
         for x, y in loader:  # (B, 3, crop, crop) normalised, (B, crop, crop) int64 with 255 = ignore
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             # a crop that is not a multiple of the patch (DINOv2: 14): padded, else its last pixels never
             # reach the model; the pad's labels are ignored. A no-op at multiples.
             x, y = unip.center_pad(x, patch)[0], unip.center_pad(y, patch, value=255)[0]
             lr = poly_lr(step, cfg.lr, iters, warmup)
-            loss_acc[0] += train_step(model, opt, scaler, x, y, lr, cfg.aux_weight, autocast)
-            loss_acc[1] += 1
+            loss_sum, loss_n = loss_sum + train_step(model, opt, scaler, x, y, lr, cfg.aux_weight, autocast), loss_n + 1
             step += 1
             pbar.update(1)
 
             if step % max(cfg.log_every, 1) == 0 or step == stop:
-                dt = (time.time() - t0) / max(step - t_step, 1)
-                row = {"step": step, "epoch": epoch, "loss": synced_loss(loss_acc, rt, step, last_ckpt), "lr": lr,
-                       "img_per_s": bs * world / dt, "ms_per_step": dt * 1000}
-                if device.type == "cuda":
-                    row["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                common.log_row(cfg.out, row, rt.master)
-                pbar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{row['img_per_s']:.1f}")
-                loss_acc.zero_()
+                value = plumbing.mean_loss(loss_sum, loss_n, rt.ddp)
+                loss_sum, loss_n = torch.zeros((), device=device), 0
+                plumbing.check_finite(value, step, last_ckpt)
+                row = plumbing.progress_row(step, step / steps_per_epoch, value, lr, step - t_step, time.time() - t0,
+                                            bs * world, device)
+                plumbing.log_row(cfg.out, row, rt.master)
+                pbar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", img_s=f"{row['img_per_s']:.1f}")
                 t0, t_step = time.time(), step
             evaluating = (eval_every and step % eval_every == 0) or step == stop
             saving = evaluating or (cfg.save_every and step % cfg.save_every == 0)
-            if saving:
-                synced_loss(loss_acc, rt, step, last_ckpt)  # a non-finite loss raises here: nothing saved from it
+            if saving and loss_n:  # a non-finite loss raises here: nothing saved from it
+                plumbing.check_finite(plumbing.mean_loss(loss_sum, loss_n, rt.ddp), step, last_ckpt)
             if evaluating:
                 miou = evaluate_and_report()
                 if miou > best:
@@ -570,4 +545,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run(main)  # a missing file, a damaged checkpoint, labels that do not fit: one line, no traceback
+    plumbing.run(main)  # a missing file, a damaged checkpoint, labels that do not fit: one line, no traceback

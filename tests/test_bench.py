@@ -1,4 +1,4 @@
-"""Tests of bench.py: the analytic FLOP counts, the naive path against the fast one, a quick run; and of the
+"""Tests of tools/bench.py: the analytic FLOP counts, the naive path against the fast one, a quick run; and of the
 precision the fast paths run in: --amp auto, the explicit attention of CPU bf16 training (the `fused` switch
 set by sdpa_for_training), bf16 against fp32."""
 import json
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import bench
-import common
+import plumbing
 import unip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,7 +91,7 @@ def test_naive_loss_gradient_equals_the_fast_gradient():
 
 
 def test_quick_run_prints_json_rows():
-    cmd = [sys.executable, "bench.py", "--quick", "--device", "cpu", "--threads", "1", "--only", "pretrain,data",
+    cmd = [sys.executable, "tools/bench.py", "--quick", "--device", "cpu", "--threads", "1", "--only", "pretrain,data",
            "--img", "32", "--students", "vit_tiny", "--teachers", "vit_base@9", "--reps", "1", "--json", "-",
            "--amp", "bf16,none"]  # both precisions, alternating; bf16 runs (emulated if need be) on any CPU
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -162,11 +162,11 @@ def test_auto_amp_stays_fp32_when_the_private_cpu_checks_are_missing_or_fail(cpu
 
 def test_every_script_defaults_to_auto_and_the_bench_banner_says_why(cpu_units, capsys):
     import inspect
-    import common
+    import plumbing
     import train_pretrain
     import train_seg
     for mod in (train_pretrain, train_seg, bench):
-        assert common.parse_config(mod.Config, []).amp.split(",")[0] == "auto", mod.__name__
+        assert plumbing.parse_config(mod.Config, []).amp.split(",")[0] == "auto", mod.__name__
         assert "AVX512-BF16" in inspect.getsource(mod.Config), mod.__name__  # the --help text names the units
     cpu_units("amx")
     threads = torch.get_num_threads()
@@ -258,7 +258,7 @@ def test_fast_path_attention_follows_sdpa_for_training_and_the_naive_path_stays_
     teacher = unip.ViT(img_size=32, dim=64, depth=4, heads=4)
     student = unip.ViT(img_size=32, dim=48, depth=3, heads=3, last_heads=4)
     calls = count_sdpa(monkeypatch)
-    autocast = common.precision(amp, "cpu")[2]
+    autocast = plumbing.precision(amp, "cpu")[2]
     for naive in (False, True):
         bench.pretrain_step(teacher, student, 3, torch.device("cpu"), 2, 32, naive, amp, autocast)()
         teacher_calls, student_calls = calls.count(False), calls.count(True)
@@ -275,7 +275,7 @@ def test_fine_tuning_step_attention_follows_sdpa_for_training(amp, monkeypatch):
     torch.manual_seed(0)
     seg = unip.Segmenter(unip.ViT(img_size=32, dim=48, depth=4, heads=3), 5)
     calls = count_sdpa(monkeypatch)
-    bench.seg_step(seg, torch.device("cpu"), 32, 5, 2, amp, common.precision(amp, "cpu")[2])()
+    bench.seg_step(seg, torch.device("cpu"), 32, 5, 2, amp, plumbing.precision(amp, "cpu")[2])()
     assert len(calls) == (4 if unip.sdpa_for_training("cpu", amp) else 0)  # the backbone's 4 blocks, as train_seg.py
 
 

@@ -1,4 +1,4 @@
-"""gpu_check.py: the whole run at tiny sizes on the CPU (every part passes, the JSON holds what the README table
+"""tools/gpu_check.py: the whole run at tiny sizes on the CPU (every part passes, the JSON holds what the README table
 needs), and its checks failing where they should: a wrong attention kernel, logits left in bf16, a resumed run
 that differs, a part that fails or runs out of time."""
 import contextlib
@@ -21,7 +21,7 @@ PARTS = ["numerics", "pretrain", "seg", "predict", "bench", "profile", "compile"
 
 def test_tiny_run_on_the_cpu_passes_every_part(tmp_path):
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "gpu_check.py", "--device", "cpu", "--tiny", "--out", str(out),
+    r = subprocess.run([sys.executable, "tools/gpu_check.py", "--device", "cpu", "--tiny", "--out", str(out),
                         "--work", str(tmp_path / "work")], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     res = json.loads((out / "gpu_check.json").read_text())
@@ -59,7 +59,7 @@ def test_tiny_run_on_the_cpu_passes_every_part(tmp_path):
 
 
 def test_help_lists_the_flags():
-    h = subprocess.run([sys.executable, "gpu_check.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    h = subprocess.run([sys.executable, "tools/gpu_check.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert h.returncode == 0 and "--compile-pairs" in h.stdout and "--tiny" in h.stdout and "--budget" in h.stdout
 
 

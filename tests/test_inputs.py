@@ -16,7 +16,6 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
-sys.path.insert(0, os.path.join(ROOT, "tools"))
 import real_data  # noqa: E402
 import predict  # noqa: E402
 import unip  # noqa: E402

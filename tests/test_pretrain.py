@@ -77,7 +77,7 @@ def test_resume_mid_epoch_gives_identical_weights(teacher, tmp_path):
 
 
 def test_resume_reads_the_random_state_layout_of_older_checkpoints(teacher, tmp_path):
-    # checkpoints written before common.py kept {"torch": [per process], "cuda": [per process or none]}
+    # checkpoints written before plumbing.py (then common.py) kept {"torch": [per process], "cuda": [per process or none]}
     args = TINY + ["--teacher", teacher]  # drop path 0.1: the restored stream decides the result
     run(args + ["--steps", "4"], tmp_path / "a")
     run(args + ["--steps", "2"], tmp_path / "b")

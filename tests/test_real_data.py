@@ -14,10 +14,9 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tools"))
 import demo  # noqa: E402
 import real_data  # noqa: E402
-import common  # noqa: E402
+import plumbing  # noqa: E402
 
 
 @pytest.mark.parametrize("df, t", [(1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262), (29, 2.045)])
@@ -85,7 +84,7 @@ def test_rows_flag_is_checked():
 
 
 def parse(argv):
-    return common.parse_config(real_data.Config, argv, check=real_data.check_config)
+    return plumbing.parse_config(real_data.Config, argv, check=real_data.check_config)
 
 
 # ------------------------------------------------------------------ the experiment's bookkeeping

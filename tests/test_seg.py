@@ -18,7 +18,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import common  # noqa: E402
+import plumbing  # noqa: E402
 import data  # noqa: E402
 import train_seg  # noqa: E402
 import unip  # noqa: E402
@@ -261,7 +261,7 @@ def test_evaluation_runs_sdpa_and_gives_training_back_its_attention_path():
     seen = []
     for blk in seg.backbone.blocks:
         blk.attn.register_forward_pre_hook(lambda m, a: seen.append(m.fused))
-    rt = common.Runtime(ddp=False, rank=0, local_rank=0, world=1, device=torch.device("cpu"), master=True)
+    rt = plumbing.Runtime(ddp=False, rank=0, local_rank=0, world=1, device=torch.device("cpu"), master=True)
     conf, samples, per_image = train_seg.evaluate(seg, val, 2, 64, 42, lambda: torch.autocast("cpu", enabled=False),
                                                   rt, num_samples=1)
     assert seen and all(seen)

@@ -42,7 +42,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import common  # noqa: E402
+import plumbing  # noqa: E402
 import data  # noqa: E402
 import demo  # noqa: E402  (the stage runner and the NMI-HAD / train_seg.py stages the walk-through uses)
 import unip  # noqa: E402
@@ -391,7 +391,7 @@ def curve_lines(layer, curve, points, schedule, shared, runs, rows, budget):
 
 
 def main(argv=None):
-    cfg = common.parse_config(Config, argv, __doc__, check=check_config)
+    cfg = plumbing.parse_config(Config, argv, __doc__, check=check_config)
     if cfg.fresh and os.path.isdir(cfg.out):
         shutil.rmtree(cfg.out)
     os.makedirs(cfg.out, exist_ok=True)
@@ -574,4 +574,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run(main)
+    plumbing.run(main)

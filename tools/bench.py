@@ -9,11 +9,11 @@ Speed, memory and model-FLOP utilisation (MFU) of the steps this project runs (U
   nmi       unip.layer_nmi over every layer of ViT-B / ViT-L at 224
   data      the data loader alone: SyntheticThermal (and an InfMix folder with --infrared) + PretrainTransform
 
-    python bench.py                                  # every section, CUDA if there is one
-    python bench.py --device cpu                     # the CPU table of docs/speed.md (bf16 where the CPU has it + fp32)
-    python bench.py --quick --device cpu             # small sizes, under a minute on 2 CPU cores
-    python bench.py --only pretrain --compile --json out.json
-    python bench.py --only pretrain --pairs vit_small=vit_large@18 --amp bf16   # one case
+    python tools/bench.py                                  # every section, CUDA if there is one
+    python tools/bench.py --device cpu                     # the CPU table of docs/speed.md (bf16 where the CPU has it + fp32)
+    python tools/bench.py --quick --device cpu             # small sizes, under a minute on 2 CPU cores
+    python tools/bench.py --only pretrain --compile --json out.json
+    python tools/bench.py --only pretrain --pairs vit_small=vit_large@18 --amp bf16   # one case
 
 Conventions.
   Time: every path (fast, naive) of a case in every precision (--amp; default: what training would pick,
@@ -41,6 +41,7 @@ import ctypes
 import functools
 import gc
 import json
+import os
 import re
 import statistics
 import sys
@@ -53,9 +54,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, Subset
 from torch.utils.flop_counter import FlopCounterMode
 
-import common
-import data
-import unip
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
+import data  # noqa: E402
+import plumbing  # noqa: E402
+import unip  # noqa: E402
 
 
 @dataclass
@@ -87,7 +89,7 @@ class Config:
 
 def parse_config(argv=None):
     # The command line is the dataclass: --seg-batch for seg_batch, help from the trailing comment.
-    return common.parse_config(Config, argv, __doc__)
+    return plumbing.parse_config(Config, argv, __doc__)
 
 
 SECTIONS = ("pretrain", "seg", "slide", "nmi", "data")
@@ -467,7 +469,7 @@ def main(argv=None):
         teachers = list(dict.fromkeys((t, layer) for _, t, layer in pairs))
     why, autocast = {}, {}  # per precision, in order, no repeats: why it runs, its autocast() (TF32 on CUDA)
     for a in cfg.amp.split(","):
-        amp, why_amp, autocast_amp = common.precision(a, device)
+        amp, why_amp, autocast_amp = plumbing.precision(a, device)
         why[amp], autocast[amp] = why_amp, autocast_amp
     amps = list(why)
     if cuda:
@@ -562,4 +564,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run(main)
+    plumbing.run(main)

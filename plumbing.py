@@ -1,13 +1,15 @@
 """
 The plumbing the scripts share, one copy of each: the command line built from a config dataclass,
 the torchrun / device setup, the precision choice and its autocast, random-state save and restore,
-JSON-lines logging, and the one-line error exit. None of it is the method (that is unip.py).
+the pieces of a training loop (resume path, epoch loader, loss check, progress row), JSON-lines
+logging, and the one-line error exit. None of it is the method (that is unip.py).
 """
 
 import argparse
 import dataclasses
 import inspect
 import json
+import math
 import os
 import re
 import sys
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader
 
 import unip
 
@@ -147,6 +150,53 @@ def restore_rng(rt, saved, seed, step):
         return True
     torch.manual_seed(seed + rt.rank + 7919 * step)
     return False
+
+
+# -----------------------------------------------------------------------------
+# the training loop's pieces
+
+
+def resume_path(resume, out):
+    """--resume: a path, '' (none) or 'auto' (OUT/ckpt.pt when it exists, else none)."""
+    if resume != "auto":
+        return resume
+    path = os.path.join(out, "ckpt.pt")
+    return path if os.path.exists(path) else ""
+
+
+def epoch_loader(dataset, sampler, epoch, skip, batch_size, workers, seed, device):
+    """This process's batches of `epoch` from its `skip`-th sample on (a mid-epoch resume). The sampler's order
+    and the dataset's augmentation draws follow the epoch; the list of indices is made anew each epoch."""
+    sampler.set_epoch(epoch)
+    dataset.set_epoch(epoch)
+    return DataLoader(dataset, batch_size=batch_size, sampler=list(sampler)[skip:], drop_last=True,
+                      num_workers=workers, pin_memory=device.type == "cuda",
+                      generator=torch.Generator().manual_seed(seed + epoch))  # workers' seeds, never the global RNG
+
+
+def mean_loss(loss_sum, loss_n, ddp):
+    """The mean of `loss_n` losses summed on the device, over every process: the only host sync."""
+    v = loss_sum / max(loss_n, 1)
+    if ddp:
+        dist.all_reduce(v, op=dist.ReduceOp.AVG)
+    return v.item()
+
+
+def check_finite(value, step, ckpt_path):
+    """A non-finite loss stops the run before anything is saved from it; the last good checkpoint is named."""
+    if not math.isfinite(value):
+        raise FloatingPointError(f"non-finite loss at step {step}: {value}; last good checkpoint: "
+                                 f"{ckpt_path if ckpt_path and os.path.exists(ckpt_path) else 'none (none saved yet)'}")
+
+
+def progress_row(step, epoch, loss, lr, steps, seconds, images_per_step, device):
+    """One log row: where the run is, the mean loss, the lr, the speed over the last `steps` steps."""
+    row = {"step": step, "epoch": round(epoch, 4), "loss": loss, "lr": lr,
+           "img_per_s": round(steps * images_per_step / max(seconds, 1e-9), 2),
+           "ms_per_step": round(1000 * seconds / max(steps, 1), 1)}
+    if device.type == "cuda":
+        row["mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    return row
 
 
 # -----------------------------------------------------------------------------

@@ -17,8 +17,8 @@ The GPU path in one run: checks that every device path of the project works on a
   profile   torch.profiler over 3 pre-training steps of S<-L@18 in bf16 at batch 256: where the time goes
   compile   bench.py --compile for S<-B@9 and S<-L@18 in bf16: the same rows compiled, and their gain
 
-    PYTHONUNBUFFERED=1 python gpu_check.py --device cuda --out runs/gpu_check     # one GPU, under 8 minutes
-    python gpu_check.py --device cpu --tiny --out /tmp/gpu_check                   # tiny sizes: ~1 min of CPU time
+    PYTHONUNBUFFERED=1 python tools/gpu_check.py --device cuda --out runs/gpu_check     # one GPU, under 8 minutes
+    python tools/gpu_check.py --device cpu --tiny --out /tmp/gpu_check                   # tiny sizes: ~1 min of CPU time
 
 pretrain, seg, predict, bench and compile run the project's scripts as a user runs them; numerics and profile
 run this file in a process of their own. Each part has a time limit (the whole run keeps to --budget seconds): a part that fails or runs out of
@@ -49,11 +49,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import common
-import data
-import unip
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
+import data  # noqa: E402
+import plumbing  # noqa: E402
+import unip  # noqa: E402
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
 
 @dataclass
@@ -85,7 +86,7 @@ PART_LIMITS = {"numerics": 120, "pretrain": 180, "seg": 150, "predict": 90, "ben
 
 def parse_config(argv=None):
     # The command line is the dataclass: --compile-pairs for compile_pairs, help from the trailing comment.
-    cfg = common.parse_config(Config, argv, __doc__)
+    cfg = plumbing.parse_config(Config, argv, __doc__)
     unknown = set(cfg.parts.split(",")) - set(PART_LIMITS)
     if unknown:
         raise SystemExit(f"--parts: unknown parts {sorted(unknown)}; choose from {','.join(PART_LIMITS)}")
@@ -512,7 +513,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 # ---------------------------------------------------------------- a: numerics on the device
 def part_numerics(cfg, run, state, work):
-    ran(run([sys.executable, "gpu_check.py", "--part", "numerics", "--device", cfg.device, "--out", cfg.out,
+    ran(run([sys.executable, "tools/gpu_check.py", "--part", "numerics", "--device", cfg.device, "--out", cfg.out,
              "--seed", cfg.seed] + (["--tiny"] if cfg.tiny else []), "numerics.log"), "gpu_check.py --part numerics")
     with open(os.path.join(cfg.out, "numerics.json")) as f:
         res = json.load(f)
@@ -640,7 +641,7 @@ def run_bench(cfg, run, state, extra, log, json_name, expect_paths):
     batch = cfg.batch
     while True:
         path = os.path.join(cfg.out, json_name)
-        rc, text = run([sys.executable, "bench.py", *bench_args, *extra, "--json", path] + (["--batch", batch] if batch else []), log)
+        rc, text = run([sys.executable, "tools/bench.py", *bench_args, *extra, "--json", path] + (["--batch", batch] if batch else []), log)
         oom = rc != 0 and ("OutOfMemoryError" in text or "out of memory" in text)
         if not oom or (batch or 256) <= 16:
             break
@@ -697,7 +698,7 @@ def part_compile(cfg, run, state, work):
 
 
 def part_profile(cfg, run, state, work):
-    text = ran(run([sys.executable, "gpu_check.py", "--part", "profile", "--device", cfg.device, "--out", cfg.out,
+    text = ran(run([sys.executable, "tools/gpu_check.py", "--part", "profile", "--device", cfg.device, "--out", cfg.out,
                     "--profile", cfg.profile, "--profile-amp", cfg.profile_amp, "--batch", cfg.batch,
                     "--seed", cfg.seed] + (["--tiny"] if cfg.tiny else []), "profile.log"), "gpu_check.py --part profile")
     path = os.path.join(cfg.out, "profile.txt")
@@ -801,4 +802,4 @@ def bench_table(rows):
 
 
 if __name__ == "__main__":
-    sys.exit(0 if common.run(main) in (True, None) else 1)  # 0 only when every part passed
+    sys.exit(0 if plumbing.run(main) in (True, None) else 1)  # 0 only when every part passed
