@@ -875,111 +875,106 @@ def adopt_pos_embed(model, state_dict, prefix=""):
         model.pos_embed = nn.Parameter(model.pos_embed.new_empty(pe.shape), requires_grad=model.pos_embed.requires_grad)
 
 
-def load_pretrained(model, source, upto_layer=None, verbose=True):
-    """Load ViT weights from a path, a checkpoint dict or a state dict into `model`.
-
-    Unwraps and strips prefixes, drops heads / decoders / mask and distillation
-    tokens, fuses BEiT-style q_bias/v_bias, maps CLIP's image tower (clip_to_vit;
-    its text tower and projection are dropped), resamples `pos_embed` to the
-    model's grid (pos_interp 'size'; a DINOv2 model keeps the checkpoint's
-    table: POS_INTERP), and refuses (naming the keys)
-    when a weight the model needs is missing or has the wrong shape. A model built shallower than the
-    checkpoint (a teacher cut at its distilled layer) ignores the deeper blocks.
-    With `upto_layer` = L, the blocks after L and the final norm may be absent
-    from the checkpoint: a teacher that stops at layer L never runs them.
-    Layer-scale factors (`gamma_1/2`) absent from the checkpoint keep their init
-    (layer scale added at fine-tuning), except in a model whose layer scale is
-    part of its pre-trained weights (pretrained_layer_scale: DINOv2): refused.
-    Returns a report dict: loaded, ignored, resampled.
-    """
-    from_file = isinstance(source, (str, bytes)) or hasattr(source, "__fspath__")
-    name = str(source) if from_file else "<state dict>"
-    sd = unwrap_state_dict(load_checkpoint(source) if from_file else source)
-    own, depth = model.state_dict(), len(model.blocks)
-    block_of = lambda k: int(m.group(1)) if (m := re.match(r"blocks\.(\d+)\.", k)) else None
-    report = {"loaded": [], "ignored": [], "resampled": None}
+def standard_state_dict(obj, name="<state dict>"):
+    """A loaded checkpoint of any supported format (a wrapper dict or a state dict) -> a new state dict under the
+    standard ViT keys: unwrapped and prefixes stripped (unwrap_state_dict), CLIP's image tower renamed
+    (clip_to_vit), BEiT-style q/v biases fused, DINOv2 / timm names of layer scale and registers renamed. Other
+    parts (heads, decoders, text towers) keep their names: fit_state_dict drops them. `name`: for messages."""
+    sd = unwrap_state_dict(obj)
     int8 = [k for k in sd if k.endswith(".int8")]
     if int8:  # weight = int8 * scale[:, None]: loading either part alone would be silently wrong
         raise ValueError(f"{name} holds int8-quantised weights ({int8[0]!r} and {len(int8) - 1} more, each with a "
-                         "'.scale'): convert it to an fp32 state dict first with the converter that comes with it, "
-                         "`python clip_int8_to_fp32.py OUT.pth`, and load OUT.pth")
+                         "'.scale'): dequantise it to an fp32 state dict first (weight = int8 * scale[:, None]) "
+                         "and load that (the shared CLIP teacher has a converter in its own folder, outside this "
+                         "repository: `python clip_int8_to_fp32.py OUT.pth`)")
     sd = clip_to_vit(sd)
-
-    # BEiT/data2vec keep separate q and v biases (k has none): fuse them.
-    for k in [k for k in sd if k.endswith("attn.q_bias")]:
+    for k in [k for k in sd if k.endswith("attn.q_bias")]:  # BEiT / data2vec: q and v biases, none for k
         q_bias, v_bias = sd.pop(k), sd.pop(k.replace("q_bias", "v_bias"))
         sd[k.replace("q_bias", "qkv.bias")] = torch.cat([q_bias, torch.zeros_like(q_bias), v_bias])
     for pattern, repl in _RENAMES:
         sd = {pattern.sub(repl, k): v for k, v in sd.items()}
+    return sd
 
-    # Register tokens attend in every block: a model without them computes something else. Refuse by name.
-    has, want = sd.get("register_tokens"), model.num_registers
-    if (has.shape[1] if has is not None else 0) != want:
-        raise ValueError(f"{name} has {has.shape[1] if has is not None else 0} register tokens "
-                         f"('register_tokens') and this model {want}: build it with num_registers="
-                         f"{has.shape[1] if has is not None else 0} (e.g. a dinov2_*_reg4 preset for the "
-                         "'_reg4' checkpoints, a plain dinov2_* preset otherwise)")
-    # CLIP's LayerNorm over the tokens before the first block, likewise.
-    if ("norm_pre.weight" in sd) != ("norm_pre.weight" in own):
-        raise ValueError(f"{name} has {'a' if 'norm_pre.weight' in sd else 'no'} LayerNorm before the first block "
-                         f"('norm_pre.weight') and this model {'none' if 'norm_pre.weight' in sd else 'one'}: "
-                         + ("a CLIP checkpoint loads into the clip_vitb16 preset (pre_norm=True)" if 'norm_pre.weight'
-                            in sd else "build the model with pre_norm=False (every preset but clip_vitb16)"))
 
-    new = {}
+def fit_pos_embed(pe, model):
+    """A checkpoint's position table (1, rows, D) -> (the table for `model`, (old, new) grid or None, adopted): DeiT's
+    extra or missing row made standard, then resampled to the model's grid ('size'), or kept as trained by a DINOv2
+    model, which adopts the table's grid (adopted: True when it differs from the model's)."""
+    n = pe.shape[1]
+    if math.isqrt(n - 1) ** 2 != n - 1 and math.isqrt(n - 2) ** 2 == n - 2:
+        pe = torch.cat([pe[:, :1], pe[:, 2:]], dim=1)  # DeiT distilled: drop the distillation row
+    elif math.isqrt(n) ** 2 == n:
+        pe = torch.cat([torch.zeros_like(pe[:, :1]), pe], dim=1)  # no CLS row (DeiT III): zero position
+    old, g = math.isqrt(pe.shape[1] - 1), math.isqrt(model.pos_embed.shape[1] - 1)
+    if old != g and model.pos_interp == "size":
+        return resample_pos_embed(pe, (g, g)), (old, g), False
+    return pe, None, old != g
+
+
+def fit_state_dict(model, sd, name="<state dict>", upto_layer=None):
+    """Standard keys -> (the tensors `model` takes, report). Drops other parts and the blocks past the model's depth,
+    fits pos_embed (DeiT's rows, the grid), refuses by name what the model misses or cannot place. May be absent:
+    layer scale (keeps its init) unless pretrained_layer_scale; the final norm and the blocks after `upto_layer`."""
+    own, depth = model.state_dict(), len(model.blocks)
+    block_of = lambda k: int(m.group(1)) if (m := re.match(r"blocks\.(\d+)\.", k)) else None
+    report, new = {"loaded": [], "ignored": [], "resampled": None}, {}
+    regs, pre = sd["register_tokens"].shape[1] if "register_tokens" in sd else 0, "norm_pre.weight" in sd
+    if regs != model.num_registers:  # registers attend in every block: without them the model computes otherwise
+        raise ValueError(f"{name} has {regs} register tokens ('register_tokens') and this model {model.num_registers}: "
+                         f"build it with num_registers={regs} (e.g. a dinov2_*_reg4 preset for the '_reg4' "
+                         "checkpoints, a plain dinov2_* preset otherwise)")
+    if pre != ("norm_pre.weight" in own):  # CLIP's LayerNorm before the first block, likewise
+        raise ValueError(f"{name} has {'a' if pre else 'no'} LayerNorm before the first block ('norm_pre.weight') and "
+                         f"this model {'none' if pre else 'one'}: " + ("a CLIP checkpoint loads into the clip_vitb16 "
+                         "preset (pre_norm=True)" if pre else "build the model with pre_norm=False (every preset but "
+                         "clip_vitb16)"))
     for k, v in sd.items():
         b = block_of(k)
         if k in own:
             new[k] = v
         elif k == "patch_embed.proj.bias":  # a model built with patch_bias=False (CLIP) cannot add it
             raise ValueError(f"{name}: {k!r} has no counterpart in this model (its patch projection has no bias)")
-        elif _CLIP_EXTRA.match(k):
-            report["ignored"].append(k)
-        elif k.startswith(("vision_model.", "visual.")):  # a CLIP variant's weight that clip_to_vit does not map
+        elif k.startswith(("vision_model.", "visual.")) and not _CLIP_EXTRA.match(k):  # clip_to_vit left it
             raise ValueError(f"{name}: CLIP image-tower weight {k!r} has no counterpart in this model")
-        elif _EXTRA.match(k) or (b is not None and b >= depth) or b is None:
+        elif _CLIP_EXTRA.match(k) or _EXTRA.match(k) or b is None or b >= depth:
             report["ignored"].append(k)
         elif ".gamma_" in k:  # layer scale changes every residual branch: ignoring it is not an option
             raise ValueError(f"{name}: layer-scale weight {k!r} has no counterpart in this model; build it "
                              "with layer scale (the dinov2_* presets have it, or layer_scale=1.0)")
-        else:  # a block weight we have no slot for (relative position bias, ...)
-            raise ValueError(f"{name}: block weight {k!r} has no counterpart in this model "
-                             "(a different architecture?)")
-
+        else:  # a block weight without a slot (relative position bias, ...)
+            raise ValueError(f"{name}: block weight {k!r} has no counterpart in this model (a different architecture?)")
     if "pos_embed" in new and new["pos_embed"].shape[-1] == own["pos_embed"].shape[-1]:
-        pe, n = new["pos_embed"], new["pos_embed"].shape[1]
-        if math.isqrt(n - 1) ** 2 != n - 1 and math.isqrt(n - 2) ** 2 == n - 2:
-            pe = torch.cat([pe[:, :1], pe[:, 2:]], dim=1)  # DeiT distilled: drop the distillation row
-        elif math.isqrt(n) ** 2 == n:
-            pe = torch.cat([torch.zeros_like(pe[:, :1]), pe], dim=1)  # no CLS row (DeiT III): zero position
-        old, g = math.isqrt(pe.shape[1] - 1), math.isqrt(own["pos_embed"].shape[1] - 1)
-        if old != g and model.pos_interp == "size":
-            pe = resample_pos_embed(pe, (g, g))
-            report["resampled"] = (old, g)
-        elif old != g:  # a DINOv2 model adopts the table as trained (adopt_pos_embed)
-            own["pos_embed"] = pe
-        new["pos_embed"] = pe
-
-    # A model cut shorter than the checkpoint, or one told it stops at `upto_layer`, never runs `norm`.
-    cut = upto_layer is not None or any((block_of(k) or 0) >= depth for k in report["ignored"])
-    optional = lambda k: (".gamma_" in k and not model.pretrained_layer_scale  # added at fine-tuning: keeps its init
-                          or cut and (k.startswith("norm.") or (upto_layer is not None and (block_of(k) or -1) >= upto_layer)))
+        new["pos_embed"], report["resampled"], adopted = fit_pos_embed(new["pos_embed"], model)
+        if adopted:  # the model takes the table at its shape (adopt_pos_embed)
+            own["pos_embed"] = new["pos_embed"]
+    cut = upto_layer is not None or any((block_of(k) or 0) >= depth for k in report["ignored"])  # norm never runs
+    late = lambda k: upto_layer is not None and (block_of(k) or -1) >= upto_layer
+    optional = lambda k: ".gamma_" in k and not model.pretrained_layer_scale or cut and (k.startswith("norm.") or late(k))
     missing = [k for k in own if k not in new and not optional(k)]
-    wrong = [f"{k}: checkpoint {tuple(new[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in new if new[k].shape != own[k].shape]
+    wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in new.items()
+             if v.shape != own[k].shape]
     if missing or wrong:
-        lines = []
-        if missing:
-            lines.append(f"missing {len(missing)} keys: {', '.join(missing[:12])}{' ...' if len(missing) > 12 else ''}")
-            if any(".gamma_" in k for k in missing) and model.pretrained_layer_scale:
-                lines.append("the layer-scale factors are part of this architecture's pre-trained weights "
-                             "('blocks.N.ls1.gamma' / 'ls2.gamma' in DINOv2 files): without them it computes "
-                             "something else")
+        listed = lambda xs, n, sep: sep.join(xs[:n]) + (" ..." if len(xs) > n else "")
+        lines = [f"missing {len(missing)} keys: {listed(missing, 12, ', ')}"] if missing else []
+        if any(".gamma_" in k for k in missing) and model.pretrained_layer_scale:
+            lines.append("the layer-scale factors are part of this architecture's pre-trained weights "
+                         "('blocks.N.ls1.gamma' / 'ls2.gamma' in DINOv2 files): without them it computes something else")
         if wrong:
-            lines.append(f"wrong shape for {len(wrong)} keys: {'; '.join(wrong[:6])}{' ...' if len(wrong) > 6 else ''}")
-        raise ValueError(f"{name} does not fit this model ({model.dim} wide, {depth} blocks):\n  "
-                         + "\n  ".join(lines))
-    model.load_state_dict(new, strict=False)  # only optional keys can be absent: checked above
+            lines.append(f"wrong shape for {len(wrong)} keys: {listed(wrong, 6, '; ')}")
+        raise ValueError(f"{name} does not fit this model ({model.dim} wide, {depth} blocks):\n  " + "\n  ".join(lines))
+    return new, report
+
+
+def load_pretrained(model, source, upto_layer=None, verbose=True):
+    """Load ViT weights in any supported format (standard_state_dict) from a path, a checkpoint dict or a state
+    dict into `model`, fitted and checked by fit_state_dict: a model built shallower than the checkpoint (a teacher
+    cut at its distilled layer) ignores the deeper blocks; with `upto_layer` = L, the blocks after L and the final
+    norm may be absent (a teacher that stops at L never runs them). Returns a report: loaded, ignored, resampled."""
+    from_file = isinstance(source, (str, bytes)) or hasattr(source, "__fspath__")
+    name = str(source) if from_file else "<state dict>"
+    new, report = fit_state_dict(model, standard_state_dict(load_checkpoint(source) if from_file else source, name),
+                                 name, upto_layer)
+    model.load_state_dict(new, strict=False)  # only optional keys can be absent: checked by fit_state_dict
     report["loaded"] = sorted(new)
     if verbose:
         msg = f"loaded {len(new)} tensors from {name}"
