@@ -2,7 +2,7 @@
 Export a train_seg.py checkpoint to ONNX, for ONNX Runtime, TensorRT or any runtime outside Python, and check the
 file against PyTorch before trusting it.
 
-    python export.py --checkpoint runs/seg/best.pt                          # -> runs/seg/best.onnx, checked on random input
+    python export.py --checkpoint runs/seg/best.pt                          # -> runs/seg/best.onnx, random input
     python export.py --checkpoint best.pt --out udder.onnx --images frames/ # checked on real frames
     python predict.py --onnx runs/seg/best.onnx --images frames/ --out runs/pred   # masks through ONNX Runtime
 
@@ -232,9 +232,10 @@ def main(argv=None):
         with open(log, "w") as f:
             f.write(traceback.format_exc())
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise SystemExit(f"error: torch {torch.__version__} could not export {cfg.checkpoint} to ONNX ({type(e).__name__}: "
-                         f"{first}); the full trace is in {log}. Install the newest torch and onnxscript (pip install -U "
-                         "torch onnxscript) and export again; if it still fails, report the trace") from None
+        raise SystemExit(f"error: torch {torch.__version__} could not export {cfg.checkpoint} to ONNX "
+                         f"({type(e).__name__}: {first}); the full trace is in {log}. Install the newest torch and "
+                         "onnxscript (pip install -U torch onnxscript) and export again; if it still fails, report the "
+                         "trace") from None
     save(program, out, metadata(seg, cfg.checkpoint, window, channels))
     print(f"wrote {out} ({os.path.getsize(out) / 1e6:.1f} MB, opset {program.model.opset_imports.get('', '?')}, "
           f"input (B, {channels}, {window}, {window}), output (B, {seg.num_classes}, {window}, {window})) "

@@ -85,7 +85,7 @@ def test_metadata_round_trip(ckpt, exported):
     assert (float(meta["mean"]), float(meta["std"])) == (data.SEG_MEAN, data.SEG_STD)
     assert {k: meta[k] for k in predict.ONNX_NUMBERS} == {"short_side": "64", "crop": "64", "stride": "42",
                                                           "patch": "16", "window": "64", "channels": "3"}
-    assert (meta["model"], meta["mode"], meta["dataset"], meta["channel"]) == ("vit_micro", "finetune", "synthetic", "auto")
+    assert [meta[k] for k in ("model", "mode", "dataset", "channel")] == ["vit_micro", "finetune", "synthetic", "auto"]
     assert all(meta[k] for k in ("input", "normalisation", "channel_rule", "sliding_window", "output"))
     seg, onnx_seg = unip.load_segmenter(ckpt), predict.OnnxSegmenter(str(path))
     for name in ("classes", "palette", "crop", "stride", "short_side", "num_classes", "mode"):
@@ -178,11 +178,12 @@ def test_user_errors_are_one_line(ckpt, exported, tmp_path, monkeypatch, capsys)
     bare = tmp_path / "bare.onnx"
     onnx.save(model, str(bare))
     Image.fromarray(frame()).save(tmp_path / "a.png")
+    rest = ["--images", str(tmp_path / "a.png"), "--out", str(tmp_path / "o")]
     with pytest.raises(SystemExit, match=rf"{bare} does not carry this project's metadata.*python export.py --checkpoint"):
-        predict.main(["--onnx", str(bare), "--images", str(tmp_path / "a.png"), "--out", str(tmp_path / "o")])
+        predict.main(["--onnx", str(bare)] + rest)
     (tmp_path / "text.onnx").write_text("not a model")
     with pytest.raises(SystemExit, match=r"text.onnx cannot be read as an ONNX model"):
-        predict.main(["--onnx", str(tmp_path / "text.onnx"), "--images", str(tmp_path / "a.png"), "--out", str(tmp_path / "o")])
+        predict.main(["--onnx", str(tmp_path / "text.onnx")] + rest)
 
 
 @pytest.mark.skipif(not os.environ.get("UNIP_SAMPLE_DATA"), reason="set UNIP_SAMPLE_DATA to the shared data folder")

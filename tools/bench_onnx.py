@@ -76,7 +76,7 @@ def main(argv=None):
     grey = (np.linspace(0, 255, W)[None] * np.linspace(0.3, 1, H)[:, None]).astype(np.uint8)  # content does not matter
     x_frame, _ = data.SegEvalTransform(cfg.crop)(grey, None)  # (3, crop, crop * W / H)
     stride = cfg.crop * 2 // 3
-    rows, tmp = [], tempfile.mkdtemp(prefix="bench_onnx_")
+    rows, tmp = [], tempfile.TemporaryDirectory(prefix="bench_onnx_")
     for name in cfg.models:
         torch.manual_seed(0)
         backbone = unip.PRESETS[name](img_size=cfg.crop, layer_scale=1.0)
@@ -84,7 +84,7 @@ def main(argv=None):
         seg.classes, seg.palette = [f"class{k}" for k in range(cfg.classes)], [(0, 0, 0)] * cfg.classes
         seg.crop, seg.stride, seg.short_side, seg.config = cfg.crop, stride, cfg.crop, {"model": name}
         window = cfg.crop + -cfg.crop % backbone.patch_size
-        path = os.path.join(tmp, f"{name}.onnx")
+        path = os.path.join(tmp.name, f"{name}.onnx")
         t0 = time.time()
         export.save(export.to_onnx(seg, window), path, export.metadata(seg, f"{name} (random)", window, 3))
         took = time.time() - t0
@@ -98,7 +98,8 @@ def main(argv=None):
             return F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False).argmax(1)
 
         cases = {("window", "torch"): lambda: net(x_win), ("window", "onnx"): lambda: onnx_seg(x_win),
-                 ("frame", "torch"): lambda: frame_mask(seg, None), ("frame", "onnx"): lambda: frame_mask(onnx_seg, onnx_seg.patch)}
+                 ("frame", "torch"): lambda: frame_mask(seg, None),
+                 ("frame", "onnx"): lambda: frame_mask(onnx_seg, onnx_seg.patch)}
         times = {k: [] for k in cases}
         for r in range(cfg.rounds + 1):  # round 0 warms up
             for k, fn in cases.items():
@@ -112,6 +113,7 @@ def main(argv=None):
             ratio = statistics.median(a / b for a, b in zip(t_pt, t_ox))
             rows.append(f"| {name} | {label} | {median_ms(t_pt):.0f} | {median_ms(t_ox):.0f} | {ratio:.2f} |")
         print(f"{name}: exported in {took:.0f} s, {os.path.getsize(path) / 1e6:.0f} MB")
+    tmp.cleanup()
     print(f"load average at end {os.getloadavg()[0]:.2f}; medians of {cfg.rounds} rounds\n")
     print("| backbone | input | PyTorch eager (ms) | ONNX Runtime (ms) | PyTorch ÷ ONNX Runtime |")
     print("|---|---|---|---|---|")
