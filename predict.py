@@ -5,6 +5,7 @@ crop, logits resized back to the image, argmax).
 
     python predict.py --checkpoint runs/seg/best.pt --images frames/ --out runs/predict
     python predict.py --checkpoint best.pt --images list.txt      # a text file of image paths, one a line
+    python predict.py --onnx best.onnx --images frames/           # an export.py file, run by ONNX Runtime
 
 Writes OUT/masks/<name>.png (mode L: the class index of every pixel, at the image's size as displayed),
 OUT/overlays/<name>.png (the grey frame with class colours blended in; classes coloured black, e.g. background,
@@ -16,8 +17,11 @@ thermal frame of MFNet's RGB-T PNGs), one whose 4th channel is constant (plain a
 --channel luma or --channel N overrides it. A model trained on MFNet given an RGBA file without a thermal 4th
 channel warns, naming the file. A file that cannot be decoded is skipped; the end line counts the images written,
 skipped and warned about, and names the last two.
+With --onnx the network is an export.py file run by ONNX Runtime (pip install onnxruntime); classes, palette,
+short side, windows and stride come from the file's metadata, and everything else is the same.
 In your own code: seg = unip.load_segmenter(path) gives the same model (see unip.load_segmenter).
 """
+import contextlib
 import json
 import os
 import warnings
@@ -37,6 +41,7 @@ import unip
 @dataclass
 class Config:
     checkpoint: str = ""        # train_seg.py checkpoint (best.pt or ckpt.pt)
+    onnx: str = ""              # instead of --checkpoint: an export.py .onnx file, run by ONNX Runtime
     images: str = ""            # image folder (searched recursively), one image file, or a .txt list of image paths
     out: str = "runs/predict"   # output folder: masks/, overlays/, classes.json
     channel: str = "auto"       # auto (4-channel rule: varying 4th channel = thermal, constant = alpha) | luma | N (raw)
@@ -97,28 +102,90 @@ def read_frame(path, channel, rgbt):
     return img, source, notes
 
 
+# What export.py writes into every .onnx file (metadata_props, all strings) and --onnx reads back: this marker, the
+# classes and palette as JSON, the numbers below as decimals, and prose for a reader outside Python (see export.py).
+ONNX_FORMAT = "unip-segmenter-1"
+ONNX_NUMBERS = ("short_side", "crop", "stride", "patch", "window", "channels")
+
+
+class OnnxSegmenter:
+    """An export.py .onnx file run by ONNX Runtime on the CPU, shaped as unip.slide_inference and main() use a
+    unip.load_segmenter model: called on normalised windows (B, C, S, S) it returns ((B, K, S, S) logits, None).
+    classes, palette, crop, stride, short_side, patch, mode and config come from the file's metadata."""
+
+    def __init__(self, path, threads=0):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise SystemExit("error: --onnx needs ONNX Runtime: pip install onnxruntime "
+                             "(or pip install -r requirements-export.txt)") from None
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"ONNX file not found: {path}")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads  # 0: ONNX Runtime's default, one thread per physical core
+        opts.log_severity_level = 3  # errors only
+        try:
+            self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise SystemExit(f"error: {path} cannot be read as an ONNX model ({str(e).strip().splitlines()[0][:200]}); "
+                             "write it again with python export.py --checkpoint CKPT") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        try:
+            if meta.get("format") != ONNX_FORMAT:
+                raise KeyError("format")
+            self.classes, self.palette = json.loads(meta["classes"]), [tuple(c) for c in json.loads(meta["palette"])]
+            self.short_side, self.crop, self.stride, self.patch, self.window, self.channels = (
+                int(meta[k]) for k in ONNX_NUMBERS)
+            self.mode, self.config = meta["mode"], {"model": meta["model"], "dataset": meta["dataset"]}
+        except (KeyError, ValueError, TypeError) as e:
+            why = ("it has no metadata_props" if not meta else
+                   f"its metadata_props 'format' is {meta.get('format')!r}, not {ONNX_FORMAT!r}" if e.args == ("format",)
+                   else f"its metadata_props lack a readable {e}")
+            raise SystemExit(f"error: {path} does not carry this project's metadata ({why}), so its classes, input "
+                             "normalisation and windows are unknown: export the train_seg.py checkpoint with "
+                             "python export.py --checkpoint CKPT") from None
+        self.path, self.meta, self.num_classes = path, meta, len(self.classes)
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, x):  # (B, C, S, S) normalised -> ((B, K, S, S) logits, None), as Segmenter.forward in eval
+        if tuple(x.shape[1:]) != (self.channels, self.window, self.window):
+            raise ValueError(f"{self.path} takes windows ({self.channels}, {self.window}, {self.window}), got "
+                             f"{tuple(x.shape[1:])}: images whose short side is resized below the crop "
+                             f"({self.short_side} < {self.crop}) need the PyTorch path (--checkpoint)")
+        out = self.session.run(None, {self.input: x.detach().float().cpu().contiguous().numpy()})[0]
+        return torch.from_numpy(out), None
+
+
 def main(argv=None):
     # ------------------------------------------------------------------ config and setup
     cfg = plumbing.parse_config(Config, argv, __doc__)
-    if not cfg.checkpoint or not cfg.images:
-        raise SystemExit("give --checkpoint (a train_seg.py checkpoint) and --images (a folder, an image or a .txt list)")
+    if not (cfg.checkpoint or cfg.onnx) or not cfg.images:
+        raise SystemExit("give --checkpoint (a train_seg.py checkpoint) or --onnx (an export.py file), and --images "
+                         "(a folder, an image or a .txt list)")
+    if cfg.checkpoint and cfg.onnx:
+        raise SystemExit("give --checkpoint or --onnx, not both")
+    model_file = cfg.onnx or cfg.checkpoint
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    amp, amp_why, autocast = plumbing.precision(cfg.amp, device)  # on CUDA also TF32, as train_seg.py evaluates
+    if cfg.onnx:  # ONNX Runtime on the CPU in fp32: the PyTorch device and precision play no part
+        device, (amp, amp_why, autocast) = torch.device("cpu"), ("none", "ONNX Runtime, fp32", contextlib.nullcontext)
+    else:
+        amp, amp_why, autocast = plumbing.precision(cfg.amp, device)  # on CUDA also TF32, as train_seg.py evaluates
 
     # ------------------------------------------------------------------ images and model
     paths, root = image_paths(cfg.images)
     names = output_names(paths, root)
     channel = data.parse_channel(cfg.channel)
-    seg = unip.load_segmenter(cfg.checkpoint, device)
+    seg = OnnxSegmenter(cfg.onnx) if cfg.onnx else unip.load_segmenter(cfg.checkpoint, device)
     rgbt = seg.config.get("dataset") == "mfnet"  # trained on thermal frames (MFNet's are channel 3 of its RGBA PNGs)
     to_input = data.SegEvalTransform(short_side=seg.short_side)
-    print(f"{cfg.checkpoint}: {seg.config.get('model')} {seg.mode}, {seg.num_classes} classes "
+    print(f"{model_file}: {seg.config.get('model')} {seg.mode}, {seg.num_classes} classes "
           f"({', '.join(seg.classes)}) | {len(paths)} images | short side {seg.short_side}, windows {seg.crop} "
           f"stride {seg.stride} | device {device} | amp {amp} ({amp_why})")
     for sub in ("masks", "overlays"):
         os.makedirs(os.path.join(cfg.out, sub), exist_ok=True)
     with open(os.path.join(cfg.out, "classes.json"), "w") as f:
-        json.dump({"checkpoint": cfg.checkpoint, "classes": seg.classes, "palette": seg.palette}, f, indent=1)
+        json.dump({"onnx" if cfg.onnx else "checkpoint": model_file, "classes": seg.classes, "palette": seg.palette}, f,
+                  indent=1)
 
     # ------------------------------------------------------------------ loop
     skipped, warned, sources = [], [], {}
@@ -136,7 +203,8 @@ def main(argv=None):
                 tqdm.write(f"warning: {note}")
         x, _ = to_input(img, None)  # (3, h', w'), short side resized, normalised
         with torch.no_grad(), autocast():  # (1, K, h', w'), fp32
-            logits = unip.slide_inference(seg, x[None].to(device), seg.num_classes, seg.crop, seg.stride)
+            logits = unip.slide_inference(seg, x[None].to(device), seg.num_classes, seg.crop, seg.stride,
+                                          patch=getattr(seg, "patch", None))  # None: the backbone's
         pred = F.interpolate(logits.float(), size=img.shape, mode="bilinear", align_corners=False).argmax(1)
         pred = pred[0].to(torch.uint8).cpu().numpy()  # (H, W) class indices at the image's size
 
