@@ -18,7 +18,6 @@ a worked example. A stage that already finished is not run again (--fresh starts
 with pre-trained teachers, real frames, label budgets and confidence intervals: tools/real_data.py.
 """
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -48,6 +47,7 @@ class Config:
     label_budget: int = 200  # labelled scenes the students are fine-tuned on
     finetune_iters: int = 300  # fine-tuning / linear-probing iterations (batch 8) per run
     analyse_images: int = 64  # images for the NMI analysis
+    val_images: int = 100  # validation scenes every fine-tuned or probed student is scored on
     amp: str = "auto"  # precision of every stage: auto (bf16 where the CPU has it) | bf16 | none
     device: str = "cpu"  # device for every stage
     fresh: bool = False  # delete --out first
@@ -56,6 +56,8 @@ class Config:
 def check_config(cfg):
     if min(cfg.seeds, cfg.distill_steps, cfg.finetune_iters, cfg.teacher_iters) < 1:
         return "--seeds, --distill-steps, --finetune-iters and --teacher-iters must be positive"
+    if not 1 <= cfg.val_images <= 100:
+        return f"--val-images must be 1..100 (the synthetic validation split has 100 scenes), got {cfg.val_images}"
     return None
 
 
@@ -63,29 +65,49 @@ def check_config(cfg):
 # the stages: each one the real script, run as a user would
 
 
-def run_stage(times, ran, name, script, *args, done=None):
-    """Run one script with its command line printed first; skip it when its marker file `done` exists. The
-    stage's seconds go to `times` (and into the marker, so a resumed experiment still reports every stage);
-    `ran` collects the stages this call ran. A failed script has printed its own error: one line here."""
-    cmd = [sys.executable, os.path.join(HERE, script), *map(str, args)]
-    print(f"\n=== {name}\n$ {' '.join(cmd[1:])}", flush=True)
-    if done and os.path.exists(done):
-        print(f"(already done: {done})")
+class Stages:
+    """An experiment's output folder (emptied first with fresh=True) and its stages. Calling it runs one
+    script with its command line printed first, skipped when its marker file `done` exists. Each stage's
+    seconds go to `times` (and into the marker, so a resumed experiment still reports every stage); `ran`
+    holds the stages this call ran. A failed script has printed its own error: one line here."""
+
+    def __init__(self, folder, fresh=False):
+        if fresh and os.path.isdir(folder):
+            shutil.rmtree(folder)
+        os.makedirs(folder, exist_ok=True)
+        self.folder, self.times, self.ran, self.t_start = folder, {}, set(), time.time()
+
+    def path(self, *parts):
+        return os.path.abspath(os.path.join(self.folder, *parts))
+
+    def __call__(self, name, script, *args, done=None):
+        cmd = [sys.executable, os.path.join(HERE, script), *map(str, args)]
+        print(f"\n=== {name}\n$ {' '.join(cmd[1:])}", flush=True)
+        if done and os.path.exists(done):
+            print(f"(already done: {done})")
+            try:
+                self.times[name] = json.load(open(done))["seconds"]
+            except (ValueError, KeyError, TypeError):
+                pass
+            return
+        t = time.time()
         try:
-            times[name] = json.load(open(done))["seconds"]
-        except (ValueError, KeyError, TypeError):
-            pass
-        return
-    t = time.time()
-    try:
-        subprocess.run(cmd, check=True, cwd=HERE)
-    except subprocess.CalledProcessError as e:
-        raise SystemExit(f"error: {script} failed (exit status {e.returncode}), see above") from None
-    times[name] = time.time() - t
-    ran.add(name)
-    if done:
-        with open(done, "w") as f:
-            json.dump({"seconds": times[name]}, f)
+            subprocess.run(cmd, check=True, cwd=HERE)
+        except subprocess.CalledProcessError as e:
+            raise SystemExit(f"error: {script} failed (exit status {e.returncode}), see above") from None
+        self.times[name] = time.time() - t
+        self.ran.add(name)
+        if done:
+            with open(done, "w") as f:
+                json.dump({"seconds": self.times[name]}, f)
+
+    def write(self, report, results):
+        """Print the report; results.md and results.json, each written whole or not at all."""
+        print("\n" + "=" * 96 + "\n" + report)
+        for name, text in (("results.md", report + "\n"), ("results.json", json.dumps(results, indent=1))):
+            with open(self.path(name + ".tmp"), "w") as f:
+                f.write(text)
+            os.replace(self.path(name + ".tmp"), self.path(name))
 
 
 def final_miou(folder):
@@ -143,13 +165,10 @@ def evaluate(stage, seg_args, iters, folder, row, init, seed, mode):
 
 def main(argv=None):
     cfg = plumbing.parse_config(Config, argv, __doc__, check=check_config)
-    if cfg.fresh and os.path.isdir(cfg.out):
-        shutil.rmtree(cfg.out)
-    os.makedirs(cfg.out, exist_ok=True)
-    out = lambda *p: os.path.abspath(os.path.join(cfg.out, *p))
-    times, ran, t_start = {}, set(), time.time()
-    stage = functools.partial(run_stage, times, ran)
-    seg_args = ["--dataset", "synthetic", "--crop", cfg.size, "--eval-every", 0, "--log-every", 10, *script_args(cfg)]
+    stage = Stages(cfg.out, cfg.fresh)
+    out = stage.path
+    seg_args = ["--dataset", "synthetic", "--crop", cfg.size, "--eval-every", 0, "--eval-images", cfg.val_images,
+                "--log-every", 10, *script_args(cfg)]
 
     # ---------------------------------------------------------------- 1. a teacher, trained from scratch
     # --layer-scale 0: a plain ViT like the pre-trained teachers, so the vit_* preset loads it in the next stages
@@ -183,7 +202,7 @@ def main(argv=None):
              f"{final_miou(out('teacher')):.1f}; {nmi['reason']}",
              f"students ({cfg.student}): {cfg.label_budget} labelled scenes, {cfg.finetune_iters} iterations each; "
              f"NMI-HAD {cfg.distill_steps} steps x 32; {cfg.seeds} seed(s), each distilled and fine-tuned again", "",
-             "mIoU (%) on 100 validation scenes: mean +- std over seeds (per seed)", "",
+             f"mIoU (%) on {cfg.val_images} validation scenes: mean +- std over seeds (per seed)", "",
              "| student init | " + " | ".join(MODES.values()) + " |", "|---|---|---|"]
     for row in ("scratch", "rule"):
         lines.append(f"| {label[row]} | " + " | ".join(
@@ -191,16 +210,12 @@ def main(argv=None):
     gaps = {m: [a - b for a, b in zip(runs[("rule", m)], runs[("scratch", m)])] for m in MODES}
     lines += ["", "UNIP minus scratch, seed by seed: " + "; ".join(
         f"{MODES[m]} {', '.join(f'{g:+.1f}' for g in gaps[m])}" for m in MODES), "",
-        f"stage times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()),
-        f"wall time of this call {(time.time() - t_start) / 60:.1f} min ({len(ran)} stages run now)"]
-    report = "\n".join(lines)
-    print("\n" + "=" * 96 + "\n" + report)
-    with open(out("results.md"), "w") as f:
-        f.write(report + "\n")
-    with open(out("results.json"), "w") as f:
-        json.dump({"layer": layer, "layer_nmi": nmi["layers"], "reason": nmi["reason"], "labels": label,
-                   "runs": {f"{r}/{m}": v for (r, m), v in runs.items()}, "minus_scratch": gaps,
-                   "config": dataclasses.asdict(cfg), "seconds": times}, f, indent=1)
+        "stage times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in stage.times.items()),
+        f"wall time of this call {(time.time() - stage.t_start) / 60:.1f} min ({len(stage.ran)} stages run now)"]
+    stage.write("\n".join(lines), {
+        "layer": layer, "layer_nmi": nmi["layers"], "reason": nmi["reason"], "labels": label,
+        "runs": {f"{r}/{m}": v for (r, m), v in runs.items()}, "minus_scratch": gaps,
+        "config": dataclasses.asdict(cfg), "seconds": stage.times})
 
 
 if __name__ == "__main__":

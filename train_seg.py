@@ -444,7 +444,7 @@ def main(argv=None):
 
     # ------------------------------------------------------------------ optimiser and schedule
     # linear probes: the same groups without decay (only the head is trainable); 1-D weights never decayed
-    groups = unip.layer_decay_groups(seg, cfg.weight_decay, cfg.layer_decay if finetune else 1.0)
+    groups = unip.param_groups(seg, cfg.weight_decay, cfg.layer_decay if finetune else 1.0)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 

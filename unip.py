@@ -562,34 +562,6 @@ def seg_loss(logits, label, ignore_index=255):
     return F.cross_entropy(logits, label, ignore_index=ignore_index, reduction="none").mean()
 
 
-def layer_decay_groups(model, weight_decay=0.05, layer_decay=0.85):
-    """AdamW groups with layer-wise lr decay (BEiT/MAE): embeddings -> id 0, block i (from 0) ->
-    i + 1, pyramid and heads -> depth + 1; each group's 'lr_scale' = decay^(depth+1-id) is to be
-    multiplied into the lr at every step. No weight decay on 1-D parameters and learned tokens."""
-    depth = len(model.backbone.blocks)
-    groups = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if name.startswith(("backbone.patch_embed", "backbone.cls_token", "backbone.pos_embed",
-                            "backbone.register_tokens", "backbone.norm_pre")):
-            lid = 0
-        elif name.startswith("backbone.blocks."):
-            lid = int(name.split(".")[2]) + 1
-        else:
-            lid = depth + 1
-        no_wd = (p.ndim == 1 or name.endswith(".bias")
-                 or name.endswith(("pos_embed", "cls_token", "register_tokens")))
-        key = (lid, no_wd)
-        if key not in groups:
-            groups[key] = {"params": [], "names": [],
-                           "weight_decay": 0.0 if no_wd else weight_decay,
-                           "lr_scale": layer_decay ** (depth + 1 - lid), "layer_id": lid}
-        groups[key]["params"].append(p)
-        groups[key]["names"].append(name)
-    return [groups[k] for k in sorted(groups)]
-
-
 # -----------------------------------------------------------------------------
 # 7. size presets (patch 16, MLP ratio 4, LayerNorm eps 1e-6, qkv bias)
 
@@ -1020,6 +992,52 @@ def load_segmenter(source, device="cpu"):
 
 # -----------------------------------------------------------------------------
 # 10. training helpers: precision, attention kernels, the module DDP wraps
+
+
+def param_groups(model, weight_decay=0.05, layer_decay=None, decay_tokens=False):
+    """AdamW groups over the trainable parameters; never weight decay on 1-D parameters and biases.
+    Pre-training (MAE's rule): layer_decay=None, decay_tokens=True -> two groups, decay and no decay.
+    Fine-tuning (BEiT/MAE's rule): no decay on pos_embed / cls_token / register tokens either, and one
+    group per layer id: embeddings 0, block i (from 0) i + 1, the rest (pyramid, heads, final norm)
+    depth + 1, with 'lr_scale' = layer_decay^(depth + 1 - id) to multiply into the lr at every step.
+    Works on a ViT or on a Segmenter (its 'backbone.' prefix)."""
+    vit = getattr(model, "backbone", model)
+    prefix = "backbone." if vit is not model else ""
+    depth = len(vit.blocks)
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        local = name[len(prefix):] if name.startswith(prefix) else None  # None: outside the ViT
+        lid = 0
+        if layer_decay is not None:
+            if local is not None and local.startswith(("patch_embed", "cls_token", "pos_embed",
+                                                       "register_tokens", "norm_pre")):
+                lid = 0
+            elif local is not None and local.startswith("blocks."):
+                lid = int(local.split(".")[1]) + 1
+            else:
+                lid = depth + 1
+        no_wd = p.ndim == 1 or name.endswith(".bias") or (
+            not decay_tokens and name.endswith(("pos_embed", "cls_token", "register_tokens")))
+        key = (lid, no_wd)
+        if key not in groups:
+            scale = 1.0 if layer_decay is None else layer_decay ** (depth + 1 - lid)
+            groups[key] = {"params": [], "names": [], "weight_decay": 0.0 if no_wd else weight_decay,
+                           "lr_scale": scale, "layer_id": lid}
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+def freeze_unreached(student):
+    """NMI-HAD's loss reads q and k of the student's last block and nothing after them: freeze the
+    last block's attention output, norm2 and MLP and the final norm (they stay in the checkpoint, so
+    it is a full ViT; DDP then needs no find_unused_parameters)."""
+    last = student.blocks[-1]
+    for m in (last.attn.proj, last.norm2, last.mlp, student.norm):
+        m.requires_grad_(False)
+    return student
 
 
 def cpu_bf16_units():

@@ -334,7 +334,7 @@ def test_analyze_on_real_frames_picks_clips_hybrid_layer_9(clip_fp32, tmp_path):
 def test_norm_pre_fine_tunes_with_the_embeddings():
     # CLIP's LayerNorm before the first block belongs to the embedding stage: layer id 0, no weight decay.
     seg = unip.Segmenter(small_clip(), num_classes=2)
-    groups = {n: g for g in unip.layer_decay_groups(seg) for n in g["names"]}
+    groups = {n: g for g in unip.param_groups(seg, layer_decay=0.85) for n in g["names"]}
     for name in ("backbone.norm_pre.weight", "backbone.norm_pre.bias"):
         assert groups[name]["layer_id"] == 0 and groups[name]["weight_decay"] == 0.0
     assert groups["backbone.patch_embed.proj.weight"]["layer_id"] == 0

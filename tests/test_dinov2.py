@@ -515,9 +515,9 @@ def test_student_crop_off_the_patch_grid_is_refused_with_the_nearest_size(tmp_pa
 # ----------------------------------------------------------------------------- optimiser groups and loading
 
 
-def test_register_tokens_are_embeddings_in_layer_decay_groups():
+def test_register_tokens_are_embeddings_in_param_groups():
     seg = unip.Segmenter(random_dinov2(4), num_classes=3)
-    groups = unip.layer_decay_groups(seg, weight_decay=0.05, layer_decay=0.85)
+    groups = unip.param_groups(seg, weight_decay=0.05, layer_decay=0.85)
     where = {n: g for g in groups for n in g["names"]}
     reg, cls = where["backbone.register_tokens"], where["backbone.cls_token"]
     assert reg["layer_id"] == 0 and reg["weight_decay"] == 0.0 and reg["lr_scale"] == pytest.approx(0.85 ** 4)

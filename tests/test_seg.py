@@ -114,10 +114,10 @@ def test_poly_schedule_with_warmup():
     assert all(a > b for a, b in zip(lr[W:], lr[W + 1:]))
 
 
-def test_layer_decay_groups_match_the_recipe():
+def test_param_groups_match_the_recipe():
     seg = tiny_seg()
     seg.backbone.pos_embed.requires_grad_(True)  # trained when fine-tuning, as train_seg.py does
-    groups = unip.layer_decay_groups(seg, weight_decay=0.05, layer_decay=0.85)
+    groups = unip.param_groups(seg, weight_decay=0.05, layer_decay=0.85)
     scale, wd = {}, {}
     for g in groups:
         for n in g["names"]:
@@ -199,7 +199,7 @@ def test_linear_probe_leaves_the_backbone_unchanged(mode):
     seg = tiny_seg(mode)
     before = {k: v.clone() for k, v in seg.backbone.state_dict().items()}
     head0 = seg.head.weight.detach().clone()
-    opt = torch.optim.AdamW(unip.layer_decay_groups(seg, 0.05, 1.0), lr=1e-2)
+    opt = torch.optim.AdamW(unip.param_groups(seg, 0.05, 1.0), lr=1e-2)
     assert all(g["lr_scale"] == 1.0 for g in opt.param_groups)
     seg.train()
     assert not seg.backbone.training  # frozen backbone: no stochastic depth

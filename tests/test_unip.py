@@ -345,6 +345,35 @@ def test_student_teacher_distillation_step_reaches_only_q_and_k():
         assert p.grad is None
 
 
+
+def test_freeze_unreached_freezes_exactly_what_gets_no_gradient():
+    teacher, student = tiny_vit(dim=96, heads=4).eval(), tiny_vit(last_heads=4)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        t = teacher.attention_logits(x, 3)
+    unip.distill_loss(student.attention_logits(x, 4), t).backward()
+    no_grad = {n for n, p in student.named_parameters() if p.grad is None and p.requires_grad}
+    unip.freeze_unreached(student)
+    frozen = {n for n, p in student.named_parameters() if not p.requires_grad} - {"pos_embed"}  # fixed sin-cos
+    assert frozen == no_grad and len(frozen) > 0
+    assert {n.split(".")[0] for n in frozen} == {"blocks", "norm"}
+
+
+def test_param_groups_pretraining_rule_decays_tokens_in_two_groups():
+    student = tiny_vit()
+    student.pos_embed.requires_grad_(True)
+    unip.freeze_unreached(student)
+    decay, no_decay = unip.param_groups(student, 0.05, decay_tokens=True)
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
+    assert decay["lr_scale"] == no_decay["lr_scale"] == 1.0
+    params = [p for p in student.parameters() if p.requires_grad]
+    assert [id(p) for p in decay["params"] + no_decay["params"]] == [
+        id(p) for p in params if p.ndim > 1] + [id(p) for p in params if p.ndim == 1]
+    assert "cls_token" in decay["names"] and "pos_embed" in decay["names"]  # MAE's pre-training decays them
+    finetune = {n: g["weight_decay"] for g in unip.param_groups(student, 0.05, 0.85) for n in g["names"]}
+    assert finetune["cls_token"] == finetune["pos_embed"] == 0.0  # fine-tuning does not
+
+
 # ----------------------------------------------------------------------------- checkpoint loading
 
 

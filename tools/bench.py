@@ -49,7 +49,6 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, Subset
 from torch.utils.flop_counter import FlopCounterMode
@@ -345,9 +344,7 @@ def pretrain_step(t_proto, s_proto, layer, device, batch, img, naive, amp, autoc
         student_fn = lambda x: naive_logits(student, x, depth)
         teacher_fn = lambda x: naive_logits(teacher, x, layer)
     else:  # train_pretrain.py: freeze what gets no gradient, logits-only wrappers, fused AdamW
-        last = student.blocks[-1]
-        for m in (last.attn.proj, last.norm2, last.mlp, student.norm):
-            m.requires_grad_(False)
+        unip.freeze_unreached(student)
         # the student trains: SDPA unless CPU bf16, where the explicit product trains faster; the frozen
         # teacher keeps SDPA
         unip.set_fused_attention(student, unip.sdpa_for_training(device, amp))
@@ -355,10 +352,7 @@ def pretrain_step(t_proto, s_proto, layer, device, batch, img, naive, amp, autoc
         if compile_backend:
             compiled = functools.partial(torch.compile, backend=compile_backend)
             student_fn, teacher_fn = compiled(student_fn), compiled(teacher_fn)
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1], "weight_decay": 0.05},
-                             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
-                            lr=1e-4, betas=(0.9, 0.95), fused=device.type in ("cuda", "cpu") and not naive)
+    opt = torch.optim.AdamW(unip.param_groups(student, 0.05, decay_tokens=True), lr=1e-4, betas=(0.9, 0.95), fused=device.type in ("cuda", "cpu") and not naive)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     x = torch.randn(batch, 3, img, img, device=device)
 
@@ -380,7 +374,7 @@ def seg_step(seg_proto, device, crop, num_classes, n, amp, autocast, compile_bac
     seg = clone(seg_proto, device).train()
     unip.set_fused_attention(seg, unip.sdpa_for_training(device, amp))  # as train_seg.py fine-tunes the backbone
     model = torch.compile(seg, backend=compile_backend) if (compile_backend and optimise) else seg
-    opt = torch.optim.AdamW(unip.layer_decay_groups(seg), lr=1e-4, betas=(0.9, 0.999), fused=device.type == "cuda")
+    opt = torch.optim.AdamW(unip.param_groups(seg, layer_decay=0.85), lr=1e-4, betas=(0.9, 0.999), fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     x = torch.randn(n, 3, crop, crop, device=device)
     y = torch.randint(0, num_classes, (n, crop, crop), device=device)

@@ -46,7 +46,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
@@ -244,12 +243,10 @@ class PretrainStep:
         self.student = unip.PRESETS[student_arch](img_size=img, drop_path=0.1, last_heads=heads).to(device).train()
         # as train_pretrain.py: the student's attention by sdpa_for_training, the frozen teacher's SDPA
         unip.set_fused_attention(self.student, trains_on_sdpa(device, amp))
-        last = self.student.blocks[-1]
-        self.frozen = (last.attn.proj, last.norm2, last.mlp, self.student.norm)
-        for m in self.frozen:
-            m.requires_grad_(False)
+        unip.freeze_unreached(self.student)
         self.params = [p for p in self.student.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
+        self.opt = torch.optim.AdamW(unip.param_groups(self.student, 0.05, decay_tokens=True), lr=1e-4,
+                                     betas=(0.9, 0.95), fused=True)
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
         self.student_fn = unip.AttentionLogits(self.student, len(self.student.blocks))
         self.teacher_fn = unip.AttentionLogits(teacher, layer)
@@ -292,7 +289,8 @@ def check_pretrain_step(device, teacher_arch, layer, student_arch, img, B, amp, 
         run.update()
     D = run.student.dim
     qk, v = qkv_grad[: 2 * D], qkv_grad[2 * D:]
-    frozen_clean = all(p.grad is None for m in run.frozen for p in m.parameters())
+    frozen = [p for p in run.student.parameters() if not p.requires_grad]  # unip.freeze_unreached's
+    frozen_clean = len(frozen) > 0 and all(p.grad is None for p in frozen)
     moved = sum(not torch.equal(a, p) for a, p in zip(before, params))
     # fp16: a non-finite gradient may only come before the loss scale has settled, and is then skipped
     finite_ok = finite[-1] and (all(finite) or amp == "fp16")
@@ -312,7 +310,7 @@ def check_seg_step(device, arch, crop, B, amp, seed=0):
     backbone = unip.PRESETS[arch](img_size=crop, drop_path=0.1, drop_path_schedule="linear", layer_scale=1.0)
     unip.set_fused_attention(backbone, trains_on_sdpa(device, amp))  # as train_seg.py fine-tunes it
     seg = unip.Segmenter(backbone, 21).to(device).train()
-    opt = torch.optim.AdamW(unip.layer_decay_groups(seg), lr=1e-4, fused=True)
+    opt = torch.optim.AdamW(unip.param_groups(seg, layer_decay=0.85), lr=1e-4, fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     x = torch.randn(B, 3, crop, crop, device=device)
     y = torch.randint(0, 21, (B, crop, crop), device=device)

@@ -26,7 +26,6 @@ Rows: scratch | [teacher:]rule | peak | closest | last | teacher (one teacher: n
 real script with its command line printed; a stage that finished is not run again (--fresh starts over).
 """
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -392,12 +391,8 @@ def curve_lines(layer, curve, points, schedule, shared, runs, rows, budget):
 
 def main(argv=None):
     cfg = plumbing.parse_config(Config, argv, __doc__, check=check_config)
-    if cfg.fresh and os.path.isdir(cfg.out):
-        shutil.rmtree(cfg.out)
-    os.makedirs(cfg.out, exist_ok=True)
-    out = lambda *p: os.path.abspath(os.path.join(cfg.out, *p))
-    times, ran, t_start = {}, set(), time.time()
-    stage = functools.partial(demo.run_stage, times, ran)
+    stage = demo.Stages(cfg.out, cfg.fresh)
+    out, times = stage.path, stage.times
     names, archs = split_list(cfg.teacher_name), split_list(cfg.teacher_arch)
     ckpts = [os.path.abspath(c) for c in split_list(cfg.teacher)]
     multi = len(names) > 1
@@ -547,30 +542,27 @@ def main(argv=None):
         epochs, per_epoch = demo.distil_epochs(curve[-1], n_unlabelled)
         lines += curve_lines(curve_layer, curve, points, epochs * per_epoch, curve_shared, runs, rows, budgets[0])
     commit, dirty = git_commit()
-    wall = time.time() - t_start
+    wall = time.time() - stage.t_start
     lines += [f"commit {commit}" + (" (with uncommitted changes to tracked files)" if dirty else ""),
               "command: python tools/real_data.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None
                                                                                         else argv)),
-              f"wall time of this call {wall / 60:.1f} min ({len(ran)} stages run now); "
+              f"wall time of this call {wall / 60:.1f} min ({len(stage.ran)} stages run now); "
               f"stage times add up to {sum(times.values()) / 60:.1f} min"]
     if times:
         lines.append("stage times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()))
-    report = "\n".join(lines)
-    print("\n" + "=" * 96 + "\n" + report)
-    with open(out("results.md"), "w") as f:
-        f.write(report + "\n")
     ci_json = lambda d: {"/".join(str(p) for p in k[:-1]) + (f"/b{k[-1]}" if k[-1] else ""): v for k, v in d.items()}
-    with open(out("results.json"), "w") as f:
-        json.dump({"layers": layers, "same_as": same_as, "layer_nmi": {t: n["layers"] for t, n in nmis.items()}
-                   if multi else nmis[names[0]]["layers"], "reason": {t: n.get("reason") for t, n in nmis.items()},
-                   "rows": rows, "labels": label, "seeds_note": distil_note, "n_train": n_train,
-                   "budgets": {str(b): len(s) for b, s in subsets.items()}, "iters": {str(b): i for b, i in iters.items()},
-                   "runs": {key_text(k): v for k, v in runs.items()}, "minus_scratch": ci_json(stats),
-                   "between_layers": ci_json(comparisons), "run_details": details,
-                   "curve": {"layer": curve_layer, "schedule_steps": curve[-1] if curve else None, "seed": 0,
-                             "folder": curve_dir if curve else None, "miou": {str(k): v for k, v in points.items()}},
-                   "config": dataclasses.asdict(cfg), "commit": commit, "uncommitted_changes": dirty,
-                   "seconds": times, "wall_seconds": wall}, f, indent=1)
+    stage.write("\n".join(lines), {
+        "layers": layers, "same_as": same_as,
+        "layer_nmi": {t: n["layers"] for t, n in nmis.items()} if multi else nmis[names[0]]["layers"],
+        "reason": {t: n.get("reason") for t, n in nmis.items()},
+        "rows": rows, "labels": label, "seeds_note": distil_note, "n_train": n_train,
+        "budgets": {str(b): len(s) for b, s in subsets.items()}, "iters": {str(b): i for b, i in iters.items()},
+        "runs": {key_text(k): v for k, v in runs.items()}, "minus_scratch": ci_json(stats),
+        "between_layers": ci_json(comparisons), "run_details": details,
+        "curve": {"layer": curve_layer, "schedule_steps": curve[-1] if curve else None, "seed": 0,
+                  "folder": curve_dir if curve else None, "miou": {str(k): v for k, v in points.items()}},
+        "config": dataclasses.asdict(cfg), "commit": commit, "uncommitted_changes": dirty,
+        "seconds": times, "wall_seconds": wall})
 
 
 if __name__ == "__main__":
