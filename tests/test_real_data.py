@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from xml.etree import ElementTree
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import demo  # noqa: E402
 import real_data  # noqa: E402
+import plot_budgets  # noqa: E402
 import plumbing  # noqa: E402
 
 
@@ -296,6 +298,13 @@ def test_two_teachers_two_budgets_split_folders(tmp_path, monkeypatch):
     assert d["budget"] == 4 and d["seed"] == 1 and d["checkpoint"].endswith("finetune_clip_rule_b4_s1/ckpt.pt")
     md = open(out / "results.md").read()
     assert "4 labelled frames" in md and "clip rule - dino rule" in md and "the teacher dinov2_vits14 itself" in md
+    # the figure: one point per row, mode and budget (the teacher only at 10), its tooltip the table's numbers
+    plot_budgets.main([str(out / "results.json"), str(tmp_path / "fig.svg")])
+    svg = ElementTree.parse(tmp_path / "fig.svg").getroot()
+    titles = [t.text for t in svg.iter("{http://www.w3.org/2000/svg}title")]
+    assert len(titles) == 2 * (5 * 2 + 1)
+    assert f"{res['labels']['clip:rule']}: 63.2 +- 0.4 (2 seeds)" in titles
+    assert f"{res['labels']['dino:teacher']}: 60.0 +- 0.0 (1 seed)" in titles
 
 
 def test_config_errors_name_the_flag(capsys):
