@@ -65,7 +65,7 @@ class Config:
     drop_path: float = 0.1  # student stochastic depth, the same in every block
     steps: int = 0  # stop once this many optimiser steps are done in total (0 = the whole schedule)
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda if available, one GPU per process)
-    amp: str = "auto"  # auto | bf16 | fp16 | none; auto: bf16 on CUDA and on CPUs with AMX or AVX512-BF16, else none (env UNIP_AMP overrides auto)
+    amp: str = "auto"  # auto | bf16 | fp16 | none; auto: bf16 on GPUs of compute capability 8.0+ (older: fp16) and on CPUs with AMX or AVX512-BF16, else none (env UNIP_AMP overrides auto)
     compile: bool = False  # torch.compile student and teacher
     workers: int = 8  # data loader processes per training process
     log_every: int = 20  # optimiser steps between log lines (the only host syncs)

@@ -109,7 +109,7 @@ class Config:
     eval_images: int = 0                # evaluate on the first N validation images (0: all; synthetic has 100)
     num_samples: int = 4                # predicted masks saved per evaluation as OUT/pred_<name>.png
     eval_only: bool = False             # evaluate the --resume checkpoint and exit
-    amp: str = "auto"                   # auto | bf16 | fp16 | none; auto: bf16 on CUDA and on CPUs with AMX or AVX512-BF16, else none (env UNIP_AMP overrides auto)
+    amp: str = "auto"                   # auto | bf16 | fp16 | none; auto: bf16 on GPUs of compute capability 8.0+ (older: fp16) and on CPUs with AMX or AVX512-BF16, else none (env UNIP_AMP overrides auto)
     compile: bool = False               # torch.compile the training model
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     workers: int = 2                    # DataLoader worker processes
