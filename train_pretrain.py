@@ -8,6 +8,7 @@ frozen, pre-trained teacher ViT into the last layer of a small student ViT.
   torchrun --nproc_per_node=8 train_pretrain.py ...          (one node, 8 GPUs)
   torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 \
       --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train_pretrain.py ...
+  srun python train_pretrain.py ...                          (SLURM, one task per GPU: docs/recipes.md)
 
 Without data roots it trains on the synthetic infrared scenes of data.py.
 Defaults follow the paper's recipe: 100 epochs (5 warm-up), effective batch 4096,

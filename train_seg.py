@@ -29,8 +29,8 @@ to the next multiple, in training (label 255 on the pad) and in the sliding wind
 count (the reference does so); --keep-distilled-heads keeps the checkpoint's. As in every reference config,
 each block gets trainable layer-scale factors initialised to 1.0 (--layer-scale 0: none). The reference's
 relative position bias is not built (see docs/design.md, the differences from the authors' code).
-Multi-GPU: BatchNorm becomes SyncBatchNorm under torchrun on CUDA (PyTorch has no CPU SyncBatchNorm: with
-gloo on CPUs each process keeps its own statistics). Evaluation splits the images over the processes and sums
+Multi-GPU: BatchNorm becomes SyncBatchNorm under torchrun or srun on CUDA (PyTorch has no CPU SyncBatchNorm:
+with gloo on CPUs each process keeps its own statistics). Evaluation splits the images over the processes and sums
 the confusion matrices.
 Reproducibility: a resumed run continues exactly (weights, optimiser, scaler, step, RNG of every rank, data
 position); across machines or thread counts, float reductions may differ in the last bits.
