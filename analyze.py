@@ -61,7 +61,7 @@ class Config:
     heads_shown: int = 4  # heads per layer in attention.png, from most local to most global
     pictures: int = 2  # images in attention.png (two query patches each)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: str = "auto"  # NMI statistics in auto | bf16 | fp16 | none; auto: bf16 on CUDA and on CPUs with AMX or AVX512-BF16, else none (env UNIP_AMP overrides auto)
+    amp: str = "auto"  # NMI statistics in auto | bf16 | fp16 | none; auto: bf16 on GPUs of compute capability 8.0+ (older: fp16) and on CPUs with AMX or AVX512-BF16, else none (env UNIP_AMP overrides auto)
     batch_size: int = 32  # images per forward pass
     workers: int = 4  # DataLoader worker processes
     img_size: int = 224  # square crop side: the student's crop (the pos_embed is resampled if it differs)

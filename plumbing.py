@@ -71,12 +71,13 @@ def parse_config(config_cls, argv=None, doc=None, choices=None, recipe=None, che
 
 
 # -----------------------------------------------------------------------------
-# distributed setup: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; plain `python` runs one process
+# distributed setup: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE, srun sets SLURM_PROCID / SLURM_NTASKS /
+# SLURM_LOCALID; plain `python` runs one process
 
 
 @dataclass
 class Runtime:
-    ddp: bool  # launched by torchrun
+    ddp: bool  # launched by torchrun or srun
     rank: int
     local_rank: int
     world: int
@@ -88,9 +89,50 @@ class Runtime:
             print(*a, **k)
 
 
+def slurm_hosts(nodelist):
+    """SLURM's compressed host list -> host names, in order, zero padding kept:
+    'node[01-03,07],gpu-b3' -> ['node01', 'node02', 'node03', 'node07', 'gpu-b3']."""
+    item = r"(?:[^,\[\]]|\[[^\[\]]+\])+"  # a name with [ranges] groups; the commas between items are outside []
+    if not re.fullmatch(rf"{item}(?:,{item})*", nodelist):
+        raise ValueError(f"cannot read the SLURM host list {nodelist!r}; set MASTER_ADDR to the first node's address")
+    hosts = []
+    for name in re.findall(item, nodelist):
+        group = re.search(r"\[([^\]]+)\]", name)
+        if group is None:
+            hosts.append(name)
+            continue
+        for part in group[1].split(","):  # '01-03' or '07'; a later [group] in the name expands in the recursion
+            lo, _, hi = part.partition("-")
+            if not (lo.isdigit() and (hi or lo).isdigit()):
+                raise ValueError(f"cannot read {part!r} in the SLURM host list {nodelist!r}; set MASTER_ADDR")
+            for i in range(int(lo), int(hi or lo) + 1):
+                hosts += slurm_hosts(name[:group.start()] + str(i).zfill(len(lo)) + name[group.end():])
+    return hosts
+
+
+def slurm_env(env):
+    """The variables torchrun would set, from SLURM's, for a task that srun started without torchrun
+    (rank = SLURM_PROCID, world = SLURM_NTASKS, local rank = SLURM_LOCALID; the address of rank 0 from
+    MASTER_ADDR or the job's first node). {} where RANK is set (torchrun, also inside an allocation) or
+    SLURM runs one task (SLURM_NTASKS=1, a salloc shell)."""
+    if "RANK" in env or "SLURM_PROCID" not in env or int(env.get("SLURM_NTASKS", 1)) < 2:
+        return {}
+    nodes = env.get("SLURM_JOB_NODELIST")
+    addr = env.get("MASTER_ADDR") or (slurm_hosts(nodes)[0] if nodes else None)
+    if not addr:
+        raise SystemExit("error: srun started this task, but neither MASTER_ADDR nor SLURM_JOB_NODELIST is set: "
+                         "export MASTER_ADDR=<first node's host name> in the job script")
+    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"],
+            "LOCAL_RANK": env.get("SLURM_LOCALID", "0"), "MASTER_ADDR": addr, "MASTER_PORT": env.get("MASTER_PORT", "29500")}
+
+
 def setup_distributed(device="auto"):
-    """One process per GPU under torchrun (NCCL; gloo on CPUs), else one process on `device`
+    """One process per GPU under torchrun or srun (NCCL; gloo on CPUs), else one process on `device`
     (auto: CUDA if there is one)."""
+    slurm = slurm_env(os.environ)
+    if slurm and torch.cuda.device_count() == 1:  # one GPU bound to each task (--gpus-per-task=1): cuda:0
+        slurm["LOCAL_RANK"] = "0"
+    os.environ.update(slurm)  # srun alone: init_process_group reads them as under torchrun
     if "RANK" in os.environ:
         use_cuda = torch.cuda.is_available() and device != "cpu"
         dist.init_process_group("nccl" if use_cuda else "gloo")

@@ -8,6 +8,7 @@ frozen, pre-trained teacher ViT into the last layer of a small student ViT.
   torchrun --nproc_per_node=8 train_pretrain.py ...          (one node, 8 GPUs)
   torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 \
       --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train_pretrain.py ...
+  srun python train_pretrain.py ...                          (SLURM, one task per GPU: docs/recipes.md)
 
 Without data roots it trains on the synthetic infrared scenes of data.py.
 Defaults follow the paper's recipe: 100 epochs (5 warm-up), effective batch 4096,
@@ -65,7 +66,7 @@ class Config:
     drop_path: float = 0.1  # student stochastic depth, the same in every block
     steps: int = 0  # stop once this many optimiser steps are done in total (0 = the whole schedule)
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda if available, one GPU per process)
-    amp: str = "auto"  # auto | bf16 | fp16 | none; auto: bf16 on CUDA and on CPUs with AMX or AVX512-BF16, else none (env UNIP_AMP overrides auto)
+    amp: str = "auto"  # auto | bf16 | fp16 | none; auto: bf16 on GPUs of compute capability 8.0+ (older: fp16) and on CPUs with AMX or AVX512-BF16, else none (env UNIP_AMP overrides auto)
     compile: bool = False  # torch.compile student and teacher
     workers: int = 8  # data loader processes per training process
     log_every: int = 20  # optimiser steps between log lines (the only host syncs)

@@ -29,8 +29,8 @@ to the next multiple, in training (label 255 on the pad) and in the sliding wind
 count (the reference does so); --keep-distilled-heads keeps the checkpoint's. As in every reference config,
 each block gets trainable layer-scale factors initialised to 1.0 (--layer-scale 0: none). The reference's
 relative position bias is not built (see docs/design.md, the differences from the authors' code).
-Multi-GPU: BatchNorm becomes SyncBatchNorm under torchrun on CUDA (PyTorch has no CPU SyncBatchNorm: with
-gloo on CPUs each process keeps its own statistics). Evaluation splits the images over the processes and sums
+Multi-GPU: BatchNorm becomes SyncBatchNorm under torchrun or srun on CUDA (PyTorch has no CPU SyncBatchNorm:
+with gloo on CPUs each process keeps its own statistics). Evaluation splits the images over the processes and sums
 the confusion matrices.
 Reproducibility: a resumed run continues exactly (weights, optimiser, scaler, step, RNG of every rank, data
 position); across machines or thread counts, float reductions may differ in the last bits.
@@ -109,7 +109,7 @@ class Config:
     eval_images: int = 0                # evaluate on the first N validation images (0: all; synthetic has 100)
     num_samples: int = 4                # predicted masks saved per evaluation as OUT/pred_<name>.png
     eval_only: bool = False             # evaluate the --resume checkpoint and exit
-    amp: str = "auto"                   # auto | bf16 | fp16 | none; auto: bf16 on CUDA and on CPUs with AMX or AVX512-BF16, else none (env UNIP_AMP overrides auto)
+    amp: str = "auto"                   # auto | bf16 | fp16 | none; auto: bf16 on GPUs of compute capability 8.0+ (older: fp16) and on CPUs with AMX or AVX512-BF16, else none (env UNIP_AMP overrides auto)
     compile: bool = False               # torch.compile the training model
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     workers: int = 2                    # DataLoader worker processes

@@ -1052,20 +1052,35 @@ def cpu_bf16_units():
     return None
 
 
+def cuda_bf16_native(device):
+    """(whether this GPU computes bf16 natively, its compute capability 'major.minor'). Native from 8.0
+    (Ampere) on; below it bf16 matrix products are emulated and cuDNN has no bf16 convolutions."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return major >= 8, f"{major}.{minor}"
+
+
 def resolve_amp(amp, device):
     """--amp -> (autocast precision 'bf16' | 'fp16' | 'none', why, for the banner).
-    auto: bf16 on CUDA; on a CPU bf16 only where it has bf16 matrix units (without them bf16 is emulated
-    and slower than fp32; docs/speed.md); none elsewhere."""
+    auto: on CUDA bf16 where the GPU computes it natively, else fp16 (with the scripts' GradScaler); on a
+    CPU bf16 only where it has bf16 matrix units (without them bf16 is emulated and slower than fp32;
+    docs/speed.md), else none."""
     device = torch.device(device)
+    # a CUDA device that cannot be asked (no CUDA here) keeps bf16; the run fails where it first uses it
+    native, cap = cuda_bf16_native(device) if device.type == "cuda" and torch.cuda.is_available() else (True, None)
     if amp == "auto" and os.environ.get("UNIP_AMP", "auto") != "auto":
         amp, why = os.environ["UNIP_AMP"], "UNIP_AMP"
+    elif amp == "auto" and device.type == "cuda":
+        amp = "bf16" if native else "fp16"
+        why = ("auto: cuda" if cap is None else f"auto: CUDA capability {cap} has native bf16" if native
+               else f"auto: CUDA capability {cap} has no native bf16 -> fp16")
     elif amp == "auto":
         units = cpu_bf16_units() if device.type == "cpu" else None
-        amp = "bf16" if device.type == "cuda" or units else "none"
+        amp = "bf16" if units else "none"
         why = f"auto: CPU has {units}" if units else \
             "auto: CPU without bf16 matrix units" if device.type == "cpu" else f"auto: {device.type}"
     else:
-        why = "--amp"
+        why = "--amp" if native or amp != "bf16" else \
+            f"--amp; warning: CUDA capability {cap} has no native bf16 (slow; --amp fp16 is native)"
     if amp not in ("bf16", "fp16", "none"):
         raise ValueError(f"amp must be auto, bf16, fp16 or none, got {amp!r} ({why})")
     return amp, why

@@ -143,13 +143,40 @@ def test_auto_amp_is_bf16_only_on_cpus_with_bf16_matrix_units(cpu_units, monkeyp
     assert unip.resolve_amp("auto", torch.device("cpu")) == ("bf16", "auto: CPU has AMX-BF16")
     assert unip.resolve_amp("none", "cpu") == ("none", "--amp") and unip.resolve_amp("fp16", "cpu")[0] == "fp16"
     cpu_units()
-    assert unip.resolve_amp("auto", "cuda") == ("bf16", "auto: cuda")  # GPUs: unchanged, whatever the CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CUDA device that cannot be asked: bf16
+    assert unip.resolve_amp("auto", "cuda") == ("bf16", "auto: cuda")  # GPUs: whatever the CPU
     assert unip.resolve_amp("bf16", "cpu")[0] == "bf16"  # asked for: honoured
     monkeypatch.setenv("UNIP_AMP", "bf16")  # the environment replaces auto, never an explicit --amp
     assert unip.resolve_amp("auto", "cpu") == ("bf16", "UNIP_AMP") and unip.resolve_amp("none", "cpu")[0] == "none"
     monkeypatch.setenv("UNIP_AMP", "fp64")
     with pytest.raises(ValueError, match="fp64"):
         unip.resolve_amp("auto", "cpu")
+
+
+@pytest.mark.parametrize("cap, amp, why", [
+    ((7, 0), "fp16", "auto: CUDA capability 7.0 has no native bf16 -> fp16"),  # V100
+    ((7, 5), "fp16", "auto: CUDA capability 7.5 has no native bf16 -> fp16"),  # T4, RTX 20xx
+    ((8, 0), "bf16", "auto: CUDA capability 8.0 has native bf16"),  # A100
+    ((9, 0), "bf16", "auto: CUDA capability 9.0 has native bf16")])  # H100
+def test_auto_amp_on_cuda_is_bf16_only_where_the_gpu_computes_it_natively(cap, amp, why, cpu_units, monkeypatch):
+    cpu_units("amx")  # the CPU's units play no part on a GPU
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or cap)
+    assert unip.resolve_amp("auto", "cuda:1") == (amp, why) and asked == [torch.device("cuda:1")]  # the run's GPU
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # precision() turns TF32 on: undone after
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch, "autocast", lambda *a, **k: (a, k))  # this CPU build cannot make a CUDA one
+    got, got_why, autocast = plumbing.precision("auto", torch.device("cuda", 0))  # as the scripts ask
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    assert (got, got_why) == (amp, why) and autocast() == (("cuda", dtype), {"enabled": True})
+    bf16, bf16_why = unip.resolve_amp("bf16", "cuda")  # asked for: honoured, with a warning where it is not native
+    assert bf16 == "bf16" and bf16_why == ("--amp" if amp == "bf16" else
+                                           f"--amp; warning: CUDA capability {cap[0]}.{cap[1]} has no native bf16 "
+                                           "(slow; --amp fp16 is native)")
+    assert unip.resolve_amp("fp16", "cuda") == ("fp16", "--amp") and unip.resolve_amp("none", "cuda")[0] == "none"
+    monkeypatch.setenv("UNIP_AMP", "bf16")  # the environment still replaces auto
+    assert unip.resolve_amp("auto", "cuda") == ("bf16", "UNIP_AMP")
 
 
 def test_auto_amp_stays_fp32_when_the_private_cpu_checks_are_missing_or_fail(cpu_units, monkeypatch):

@@ -1,11 +1,13 @@
 """Tests of the segmentation side: unip.py §7 (LL-FPN, UperNet, probes, layer decay, sliding window, mIoU,
 head initialisation) and train_seg.py (schedule, loss, the reference's defaults, 2-step runs of every mode,
---init, resume, torchrun, SCUT-Seg label forms, fp16, labels that cannot teach a class, damaged checkpoints,
-a real folder set). CPU only. UNIP_SAMPLE_DATA=/path/to/shared/data enables the tests on real thermal images."""
+--init, resume, torchrun, srun without torchrun (SLURM's variables, host lists), SCUT-Seg label forms, fp16,
+labels that cannot teach a class, damaged checkpoints, a real folder set). CPU only.
+UNIP_SAMPLE_DATA=/path/to/shared/data enables the tests on real thermal images."""
 import json
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -344,14 +346,99 @@ def test_resume_continues_exactly(tmp_path):
     assert [r["loss"] for r in rows(a) if "loss" in r] == [r["loss"] for r in rows(b) if "loss" in r]
 
 
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def srun(cmd, ntasks, **extra):
+    """What `srun --ntasks=N python ...` starts: N processes, each told its rank by SLURM's variables
+    only (no RANK). -> their (return code, stdout + stderr); all are killed when one fails."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")}
+    env.update(OMP_NUM_THREADS="1", SLURM_NTASKS=str(ntasks), MASTER_PORT=str(free_port()), **extra)
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(ntasks)]
+    try:
+        return [(p.returncode, out) for p in procs for out, _ in [p.communicate(timeout=300)]]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
-def test_torchrun_two_processes_gloo(tmp_path):
+def test_torchrun_two_processes_gloo_and_srun_without_torchrun_agree(tmp_path):
     torchrun = [shutil.which("torchrun"), "--standalone", "--nproc_per_node=2", str(ROOT / "train_seg.py")]
     # 2 images per process; rank 1 has no evaluation image (1 image over 2 ranks): its share of the sum is 0
-    run("--out", tmp_path, "--steps", 2, "--device", "cpu", *SMALL, cmd=torchrun)
-    ck = unip.load_checkpoint(tmp_path / "ckpt.pt")
+    args = ["--steps", 2, "--device", "cpu", *SMALL]
+    run("--out", tmp_path / "torchrun", *args, cmd=torchrun)
+    ck = unip.load_checkpoint(tmp_path / "torchrun" / "ckpt.pt")
     assert ck["step"] == 2 and len(ck["rng"]["ranks"]) == 2
-    assert any("miou" in r for r in rows(tmp_path))
+    assert any("miou" in r for r in rows(tmp_path / "torchrun"))
+    # srun alone: rank 0's address from the host list, as on a cluster
+    tasks = srun([sys.executable, "train_seg.py", "--out", str(tmp_path / "srun"), *map(str, args)], 2,
+                 SLURM_JOB_NODELIST="localhost")
+    assert [rc for rc, _ in tasks] == [0, 0], tasks[0][1][-3000:] + tasks[1][1][-3000:]
+    assert "world 2" in tasks[0][1]
+    ck2 = unip.load_checkpoint(tmp_path / "srun" / "ckpt.pt")
+    assert ck2["step"] == 2 and ck2["model"].keys() == ck["model"].keys()
+    for k in ck["model"]:
+        assert torch.equal(ck["model"][k], ck2["model"][k]), k
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("img_per_s", "ms_per_step")} for r in rs]
+    assert strip(rows(tmp_path / "srun")) == strip(rows(tmp_path / "torchrun"))
+
+
+@pytest.mark.parametrize("nodelist, hosts", [
+    ("node[01-04,07]", ["node01", "node02", "node03", "node04", "node07"]),
+    ("gpu-a[1-2],gpu-b3", ["gpu-a1", "gpu-a2", "gpu-b3"]),
+    ("n1,n2", ["n1", "n2"]),
+    ("node[8-10]", ["node8", "node9", "node10"]),  # the padding is the width of the range's start
+    ("rack[1-2]-n[01-02],x", ["rack1-n01", "rack1-n02", "rack2-n01", "rack2-n02", "x"]),
+    ("localhost", ["localhost"])])
+def test_slurm_host_list(nodelist, hosts):
+    assert plumbing.slurm_hosts(nodelist) == hosts
+
+
+@pytest.mark.parametrize("nodelist", ["node[01-", "node[a-c]", "", "a,,b", "node[]"])
+def test_slurm_host_list_refuses_what_it_cannot_read(nodelist):
+    with pytest.raises(ValueError, match="MASTER_ADDR"):
+        plumbing.slurm_hosts(nodelist)
+
+
+def test_slurm_env_maps_srun_tasks_and_leaves_torchrun_and_single_tasks_alone():
+    task = {"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]"}
+    assert plumbing.slurm_env(task) == {"RANK": "9", "WORLD_SIZE": "16", "LOCAL_RANK": "1",
+                                        "MASTER_ADDR": "gpu07", "MASTER_PORT": "29500"}
+    given = plumbing.slurm_env({**task, "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "41000"})
+    assert (given["MASTER_ADDR"], given["MASTER_PORT"]) == ("10.0.0.5", "41000")  # the environment wins
+    assert plumbing.slurm_env({**task, "RANK": "3", "LOCAL_RANK": "3"}) == {}  # torchrun inside an allocation
+    assert plumbing.slurm_env({**task, "SLURM_NTASKS": "1"}) == {}  # a one-task job
+    assert plumbing.slurm_env({k: v for k, v in task.items() if k != "SLURM_PROCID"}) == {}  # a salloc shell
+    for env in ({**task, "SLURM_JOB_NODELIST": ""}, {k: v for k, v in task.items() if k != "SLURM_JOB_NODELIST"}):
+        with pytest.raises(SystemExit, match="MASTER_ADDR nor SLURM_JOB_NODELIST"):
+            plumbing.slurm_env(env)
+
+
+def test_setup_distributed_under_srun_takes_nccl_and_the_local_gpu(monkeypatch):
+    calls = []
+    task = {"SLURM_PROCID": "11", "SLURM_NTASKS": "16", "SLURM_LOCALID": "3", "SLURM_JOB_NODELIST": "node[01-02]"}
+    monkeypatch.setattr(plumbing.dist, "init_process_group", lambda backend: calls.append((backend, dict(os.environ))))
+    monkeypatch.setattr(plumbing.dist, "get_rank", lambda: int(os.environ["RANK"]))
+    monkeypatch.setattr(plumbing.dist, "get_world_size", lambda: int(os.environ["WORLD_SIZE"]))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(d))
+    for visible, index in ((8, 3), (1, 0)):  # all the node's GPUs visible; one bound to the task (--gpus-per-task=1)
+        monkeypatch.setattr(os, "environ", dict(task))  # what srun sets: SLURM's variables only
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+        rt = plumbing.setup_distributed("auto")
+        assert (rt.ddp, rt.rank, rt.world, rt.local_rank, rt.device, rt.master) == \
+            (True, 11, 16, index, torch.device("cuda", index), False)
+        (backend, env), dev = calls[-2:]
+        assert backend == "nccl" and dev == rt.device
+        assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("node01", "29500")
+    monkeypatch.setattr(os, "environ", {**task, "SLURM_NTASKS": "1"})
+    assert plumbing.setup_distributed("cpu") == plumbing.Runtime(False, 0, 0, 1, torch.device("cpu"), True)
 
 
 def test_clear_errors(tmp_path):

@@ -62,7 +62,7 @@ import unip  # noqa: E402
 @dataclass
 class Config:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: str = "auto,none"  # precisions, alternating: auto | bf16 | fp16 | none; auto: bf16 on CUDA, AMX / AVX512-BF16 CPUs
+    amp: str = "auto,none"  # precisions, alternating: auto | bf16 | fp16 | none; auto: bf16 on GPUs of capability 8.0+ (older: fp16), AMX / AVX512-BF16 CPUs
     compile: bool = False  # torch.compile the fast path (pre-training wrappers, segmenter); naive stays eager
     compile_backend: str = "inductor"  # torch.compile backend; eager / aot_eager only trace, without code generation (a quick CPU check)
     quick: bool = False  # small sizes for a CPU smoke run: images 64, batch 2, students T and S, 2 reps

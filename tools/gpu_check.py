@@ -67,13 +67,13 @@ class Config:
     steps: int = 0  # pre-training steps (0: 40; --tiny 6); the interrupted run stops at 3/4 of them and resumes
     seg_steps: int = 0  # fine-tuning iterations (0: 40; --tiny 4); evaluated at half and at the end
     pairs: str = "vit_tiny=vit_base@9,vit_small=vit_base@9,vit_small=vit_large@18"  # bench.py --pairs (--tiny: vit_tiny=vit_small@6)
-    amp: str = "auto,none"  # bench.py precisions (auto: bf16 on CUDA; none: fp32, TF32 on CUDA); --tiny: none
+    amp: str = "auto,none"  # bench.py precisions (auto: as training picks, unip.resolve_amp; none: fp32, TF32 on CUDA); --tiny: none
     batch: int = 0  # bench.py pre-training batch (0: 256, the recipe's per-GPU batch; halved after an out-of-memory)
     profile: str = "vit_small=vit_large@18"  # the pre-training case profiled with torch.profiler (--tiny: vit_tiny=vit_small@6)
-    profile_amp: str = "auto"  # its precision (auto: bf16 on CUDA, fp32 on a CPU)
+    profile_amp: str = "auto"  # its precision (auto: as training picks on CUDA, fp32 on a CPU)
     compile_pairs: str = "vit_small=vit_base@9,vit_small=vit_large@18"  # cases timed again with --compile ('' = none)
     compile_only: str = "pretrain"  # bench.py sections timed with --compile (pretrain,seg also compiles the fine-tuning step)
-    compile_amp: str = "auto"  # precision of the compiled cases (auto: bf16 on CUDA); --tiny: none
+    compile_amp: str = "auto"  # precision of the compiled cases (auto: as training picks); --tiny: none
     compile_backend: str = ""  # torch.compile backend (default: inductor; --tiny: eager, as inductor takes minutes on a CPU)
     part: str = ""  # internal: run this part in this process (numerics, profile)
     seed: int = 0  # seed of every run
@@ -384,7 +384,8 @@ def run_profile_part(cfg):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as the scripts
     (student, teacher, layer), = pair_names(cfg.profile)
-    amp = {"auto": "bf16" if cuda else "fp32", "none": "fp32"}.get(cfg.profile_amp, cfg.profile_amp)
+    amp = cfg.profile_amp if cfg.profile_amp != "auto" else unip.resolve_amp("auto", device)[0] if cuda else "none"
+    amp = "fp32" if amp == "none" else amp  # this file's name for no autocast
     img, B = (32, 2) if cfg.tiny else (224, cfg.batch or 256)
     step = PretrainStep(device, teacher, layer, student, img, B, amp, cfg.seed)
     for _ in range(3):  # warm-up: allocator, cuBLAS / cuDNN workspaces, kernel choices
