@@ -53,6 +53,7 @@ class Config:
     infrared: str = ""  # InfMix infrared root (<dataset>/thermal/*), instead of --images
     imagenet: str = ""  # InfMix ImageNet train root (200 per class)
     coco: str = ""  # InfMix COCO root
+    thermal_range: str = ""  # LO,HI: 16-bit / float frames mapped linearly LO -> 0, HI -> 255, clipped, the same for every frame ('': a per-image 1st-99th percentile stretch); 8-bit images are unaffected
     out: str = "runs/analyze"  # output folder
     target: float = 0.09  # NMI of the layer to distil (UNIP: 0.09; stable for 0.06-0.12)
     layer_rule: str = "after-peak"  # where to look for it: after-peak (layers after the NMI peak) | closest (all layers)
@@ -72,7 +73,7 @@ class Config:
 
 def parse_config(argv=None) -> Config:
     # lists repeat or take comma lists (--checkpoint a.pth,b.pth); tuples take their values after one flag
-    return plumbing.parse_config(Config, argv, __doc__)
+    return plumbing.parse_config(Config, argv, __doc__, check=data.check_thermal_range)
 
 
 # -----------------------------------------------------------------------------
@@ -100,18 +101,18 @@ class EvalTransform:
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    def __init__(self, root, transform):
+    def __init__(self, root, transform, thermal_range=None):
         self.files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs
                             if f.lower().endswith(data.IMG_EXTS))
         if not self.files:
             raise FileNotFoundError(f"no images ({', '.join(data.IMG_EXTS)}) under {root}")
-        self.transform = transform
+        self.transform, self.thermal_range = transform, thermal_range
 
     def __len__(self):
         return len(self.files)
 
     def load(self, i):
-        return data.load_grey(self.files[i]), None
+        return data.load_grey(self.files[i], thermal_range=self.thermal_range), None
 
     def __getitem__(self, i):
         return self.transform(self.load(i)[0])
@@ -303,11 +304,13 @@ def model_names(ckpts, archs):
 
 def image_source(cfg, tf):
     """The dataset to measure on (a folder, InfMix roots, or synthetic scenes) and a line saying what it is."""
+    thermal = data.parse_thermal_range(cfg.thermal_range)
     if cfg.images:
-        ds = ImageFolder(cfg.images, tf)
+        ds = ImageFolder(cfg.images, tf, thermal)
         return ds, f"{len(ds)} images under {cfg.images}"
     if cfg.infrared or cfg.imagenet or cfg.coco:
-        ds = data.InfMix(cfg.infrared or None, cfg.imagenet or None, cfg.coco or None, transform=tf, seed=cfg.seed)
+        ds = data.InfMix(cfg.infrared or None, cfg.imagenet or None, cfg.coco or None, transform=tf, seed=cfg.seed,
+                         thermal_range=thermal)
         return ds, ds.summary()
     ds = data.SyntheticThermal("val", num_images=cfg.num_images, transform=tf, seed=cfg.seed)
     return ds, f"{len(ds)} synthetic thermal scenes (seed {cfg.seed})"
@@ -390,6 +393,8 @@ def main(argv=None):
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=cfg.batch_size,
                                          num_workers=cfg.workers, pin_memory=device.type == "cuda")
     print(f"data: {source}; using {len(idx)}")
+    if cfg.images or cfg.infrared or cfg.imagenet or cfg.coco:  # files, not the 8-bit synthetic scenes
+        print(data.thermal_range_note(data.parse_thermal_range(cfg.thermal_range)))
     pics = []  # (grey crop, label crop or None) as the model sees them
     for i in idx[: cfg.pictures]:
         img, label = ds.load(i)

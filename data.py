@@ -69,6 +69,55 @@ def stretch_to_uint8(a):
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
+# --thermal-range LO,HI: one linear map for every frame, so that a cold scene stays darker than a hot one, which the
+# per-image stretch undoes. Only 16-bit / 32-bit / float values pass through it; 8-bit files are read as they are.
+THERMAL_RANGE_FLAG = "--thermal-range"
+
+
+def parse_thermal_range(s):
+    """--thermal-range value -> None (the per-image stretch: '' or 'stretch') or (lo, hi) floats, lo < hi.
+    ValueError saying what is wrong otherwise."""
+    s = str(s).strip()
+    if s.lower() in ("", "stretch"):
+        return None
+    try:
+        lo, hi = (float(v) for v in s.split(","))
+    except ValueError:
+        lo = hi = None
+    if lo is None or not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
+        raise ValueError(f"{THERMAL_RANGE_FLAG} {s!r}: expected LO,HI, two numbers with LO < HI (raw 16-bit or float "
+                         f"values mapped to 0 and 255, e.g. 27000,33000), or 'stretch' (per-image stretch)")
+    return lo, hi
+
+
+def check_thermal_range(cfg):
+    """plumbing.parse_config's check for a script config with a thermal_range field: a bad value is a usage error."""
+    parse_thermal_range(cfg.thermal_range)
+
+
+def range_to_uint8(a, lo, hi):
+    """(H, W) 16-bit / 32-bit / float thermal -> (H, W) uint8 by one fixed linear map: lo -> 0, hi -> 255,
+    values outside clipped, non-finite pixels 0. The same raw value gives the same grey in every frame."""
+    a = np.asarray(a, dtype=np.float64)
+    out = np.where(np.isfinite(a), (a - lo) * (255.0 / (hi - lo)), 0.0)
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def to_uint8(a, thermal_range=None):
+    """16-bit / 32-bit / float frame -> uint8: range_to_uint8 with thermal_range (lo, hi), else stretch_to_uint8."""
+    return stretch_to_uint8(a) if thermal_range is None else range_to_uint8(a, *thermal_range)
+
+
+def thermal_range_note(thermal_range):
+    """The banner line that says how 16-bit / float frames become 8-bit grey."""
+    if thermal_range is None:
+        return (f"16-bit / float frames: per-image 1st-99th percentile stretch to 0..255 (default; "
+                f"{THERMAL_RANGE_FLAG} LO,HI for one fixed mapping); 8-bit images are read as they are")
+    lo, hi = thermal_range
+    return (f"16-bit / float frames: raw {lo:g}..{hi:g} -> 0..255, clipped, the same for every frame "
+            f"({THERMAL_RANGE_FLAG} {lo:g},{hi:g}); 8-bit images are read as they are")
+
+
 # The 4-channel rule. MFNet's public RGB-T PNGs keep the thermal frame in the 4th ('alpha') channel of an RGBA
 # file (channels 0-2: the visible frame, from another camera); an ordinary RGBA file keeps transparency there,
 # nearly always constant (opaque). So, wherever an image is read: an RGBA file whose 4th channel varies is read as
@@ -91,21 +140,22 @@ def parse_channel(s):
     raise ValueError(f"{CHANNEL_FLAG} {s!r}: expected auto, luma or a channel number (MFNet's thermal channel: 3)")
 
 
-def decode_grey(path, channel=None):
+def decode_grey(path, channel=None, thermal_range=None):
     """Any image file -> (img (H, W) uint8 grey, source), EXIF orientation applied on every path. `source` says
     what was read: 'grey', 'luma', 'thermal' (the varying 4th channel of an RGBA file), 'alpha' (luma of the RGB
     of an RGBA file with a constant 4th channel) or 'channel k'. Raises OSError naming the path if the file cannot
     be decoded, ValueError if `channel` names a channel the file does not have.
 
     channel None: 8-bit modes (L, RGB, P, CMYK, 1, LA, ...) through PIL's ITU-R 601 luma ('L'; alpha ignored),
-    16-bit, 32-bit and float modes (I;16, I;16B, I, F) through stretch_to_uint8, RGBA by the 4-channel rule above.
-    channel 'luma': the luma whatever the 4th channel holds; channel k: channel k read raw (16-bit stretched)."""
+    16-bit, 32-bit and float modes (I;16, I;16B, I, F) through to_uint8 (thermal_range (lo, hi): that fixed map,
+    None: the per-image stretch), RGBA by the 4-channel rule above.
+    channel 'luma': the luma whatever the 4th channel holds; channel k: channel k read raw (16-bit through to_uint8)."""
     if not (channel is None or channel == 'luma' or isinstance(channel, int) and channel >= 0):
         raise ValueError(f"channel must be None (the 4-channel rule), 'luma' or a channel number, got {channel!r}")
     try:
         im = _open(path)
         if not isinstance(channel, int) and im.mode.startswith(('I', 'F')):
-            return stretch_to_uint8(np.asarray(im)), 'grey'
+            return to_uint8(np.asarray(im), thermal_range), 'grey'
         a = np.asarray(im) if im.mode == 'RGBA' or isinstance(channel, int) else None  # (H, W, C) raw
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, EOFError... on broken files
         raise OSError(f'cannot decode image {path}: {type(e).__name__}: {e}') from e
@@ -117,7 +167,7 @@ def decode_grey(path, channel=None):
         if c.min() == c.max():
             warnings.warn(f'{path}: channel {channel} is constant ({c.flat[0]}), so the frame is flat: is this the '
                           f'channel you meant? ({CHANNEL_FLAG})', RuntimeWarning)
-        return (c if c.dtype == np.uint8 else stretch_to_uint8(c)), f'channel {channel}'
+        return (c if c.dtype == np.uint8 else to_uint8(c, thermal_range)), f'channel {channel}'
     luma = lambda: np.array(im.convert('L'))  # RGBA -> L ignores alpha
     if a is None or channel == 'luma':
         return luma(), 'luma' if len(im.getbands()) >= 3 else 'grey'
@@ -132,9 +182,9 @@ def decode_grey(path, channel=None):
     return np.ascontiguousarray(alpha), 'thermal'
 
 
-def load_grey(path, channel=None):
+def load_grey(path, channel=None, thermal_range=None):
     """Any image file -> (H, W) uint8 grey; see decode_grey (EXIF orientation, bit depths, the 4-channel rule)."""
-    return decode_grey(path, channel)[0]
+    return decode_grey(path, channel, thermal_range)[0]
 
 
 def load_channel(path, channel):
@@ -389,9 +439,11 @@ def _coco_files(root):
 
 class InfMix(torch.utils.data.Dataset):
     """§4 InfMix: infrared images + greyscale ImageNet (per_class per class) + greyscale COCO.
-    Items are transform(grey (H, W) uint8, None, rng); default PretrainTransform(224)."""
+    Items are transform(grey (H, W) uint8, None, rng); default PretrainTransform(224).
+    thermal_range: None (16-bit frames stretched per image) or (lo, hi), see decode_grey."""
 
-    def __init__(self, infrared=None, imagenet=None, coco=None, per_class=200, transform=None, seed=0):
+    def __init__(self, infrared=None, imagenet=None, coco=None, per_class=200, transform=None, seed=0,
+                 thermal_range=None):
         if not (infrared or imagenet or coco):
             raise ValueError('InfMix needs at least one of infrared=, imagenet=, coco=')
         found = {'infrared': _infrared_files(infrared) if infrared else [],
@@ -403,7 +455,7 @@ class InfMix(torch.utils.data.Dataset):
         self.files = [f for files in found.values() for f in files]
         self.counts = {source: len(files) for source, files in found.items()}
         self.transform = transform or PretrainTransform(224)
-        self.seed, self.epoch = seed, 0
+        self.seed, self.epoch, self.thermal_range = seed, 0, thermal_range
         self.bad, self.num_bad = set(), 0
 
     def summary(self):
@@ -416,7 +468,7 @@ class InfMix(torch.utils.data.Dataset):
         return len(self.files)
 
     def load(self, i):
-        return load_grey(self.files[i]), None
+        return load_grey(self.files[i], thermal_range=self.thermal_range), None
 
     def __getitem__(self, i):
         i = range(len(self))[i]  # negative indices, and IndexError past the end
@@ -437,13 +489,15 @@ class SegFolder(torch.utils.data.Dataset):
     """Images in img_dir, index labels in label_dir with the same stem. The item list is the
     split file (one stem per line) or every *img_suffix file in img_dir, sorted.
     label_map: a 256-entry table applied to raw label values (e.g. Cityscapes ids -> classes);
-    thermal_channel: None (the 4-channel rule of decode_grey), 'luma', or a channel read raw (MFNet RGB-T PNGs: 3).
+    thermal_channel: None (the 4-channel rule of decode_grey), 'luma', or a channel read raw (MFNet RGB-T PNGs: 3);
+    thermal_range: None (16-bit frames stretched per image) or (lo, hi) raw values -> 0..255 (decode_grey).
     classes may be omitted only with a label_map (then num_classes = largest mapped value + 1).
     Items are transform(img (H, W) uint8, label (H, W) int64, rng); default: native size, normalised."""
     ignore_index = IGNORE
 
     def __init__(self, img_dir, label_dir, split_file=None, img_suffix='.png', label_suffix='.png',
-                 classes=None, palette=None, label_map=None, transform=None, seed=0, thermal_channel=None):
+                 classes=None, palette=None, label_map=None, transform=None, seed=0, thermal_channel=None,
+                 thermal_range=None):
         _need_dir(img_dir, 'image')
         _need_dir(label_dir, 'label')
         if split_file is not None:
@@ -474,7 +528,7 @@ class SegFolder(torch.utils.data.Dataset):
             classes = [str(k) for k in range(int(label_map[label_map != IGNORE].max()) + 1)]
         self.classes, self.num_classes = list(classes), len(classes)
         self.palette = [tuple(int(v) for v in c) for c in palette] if palette else _voc_palette(self.num_classes)
-        self.label_map, self.thermal_channel = label_map, thermal_channel
+        self.label_map, self.thermal_channel, self.thermal_range = label_map, thermal_channel, thermal_range
         self.transform = transform or SegEvalTransform(short_side=None)
         self.seed, self.epoch = seed, 0
         self.bad, self.num_bad = set(), 0
@@ -492,7 +546,7 @@ class SegFolder(torch.utils.data.Dataset):
         """(img (H, W) uint8, label (H, W) int64); OSError if a file cannot be decoded,
         ValueError if the label does not fit the image or the class list."""
         ip, lp = self.images[i], self.labels[i]
-        img = load_grey(ip, self.thermal_channel)
+        img = load_grey(ip, self.thermal_channel, self.thermal_range)
         label = load_label(lp)
         if self.label_map is not None:
             if label.dtype != np.uint8:
@@ -554,9 +608,14 @@ SCUT_PALETTE = [(0, 0, 0), (128, 64, 128), (220, 20, 60), (255, 0, 0), (0, 0, 14
 
 
 def _split_file(root, split, files):
+    """root/<the list file of split>; ValueError for an unknown split, FileNotFoundError naming a missing list."""
     if split not in files:
         raise ValueError(f'split must be one of {list(files)}, got {split!r}')
-    return os.path.join(root, files[split])
+    path = os.path.join(root, files[split])
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'split {split!r} needs the list file {path} (one image stem a line), '
+                                f'which does not exist')
+    return path
 
 
 def soda(root, split='train', transform=None, **kw):
@@ -570,8 +629,10 @@ def soda(root, split='train', transform=None, **kw):
 
 def mfnet(root, split='train', transform=None, **kw):
     """MFNet-T: thermal_imgs/*.png (or channel 3 of the public 4-channel images/*.png), labels/*.png,
-    lists train.txt / val_test.txt (validation) / test.txt."""
-    split_file = _split_file(root, split, {'train': 'train.txt', 'val': 'val_test.txt', 'test': 'test.txt'})
+    lists train.txt / val_test.txt (validation) / test.txt, and test_day.txt / test_night.txt (the test split's
+    day and night frames, which RGB-T papers report separately)."""
+    split_file = _split_file(root, split, {'train': 'train.txt', 'val': 'val_test.txt', 'test': 'test.txt',
+                                           'test_day': 'test_day.txt', 'test_night': 'test_night.txt'})
     img_dir = os.path.join(root, 'thermal_imgs')
     if not os.path.isdir(img_dir):
         img_dir = os.path.join(root, 'images')
@@ -828,6 +889,14 @@ class SyntheticThermal(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, 0x5CE7E, ('train', 'val').index(self.split), i])
         img, label = _render_street(rng, *self.size)
         return img, label.astype(np.int64)
+
+    def label_counts(self):
+        """Pixels of each label value 0..255 over every scene of the split, (256,) int64, as SegFolder.label_counts
+        (no augmentation). A scene's label exists only with its picture: both are rendered, a few ms each."""
+        counts = np.zeros(256, np.int64)
+        for i in range(len(self)):
+            counts += np.bincount(self.load(i)[1].ravel(), minlength=256)
+        return counts
 
     def __getitem__(self, i):
         i = range(len(self))[i]

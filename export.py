@@ -110,8 +110,10 @@ def metadata(seg, checkpoint, window, channels):
         "normalisation": "x = (grey - mean) / std, grey on 0..255",
         "channels": str(channels),
         "channel": str(cfg.get("channel", "auto")),
+        "thermal_range": str(cfg.get("thermal_range", "")),
         "channel_rule": "a file -> one grey frame (0..255): 8-bit grey or RGB -> ITU-R 601 luma; 16-bit and float "
-                        "frames -> 1st..99th percentile stretched to 0..255; RGBA -> its 4th channel when that "
+                        "frames -> linearly LO -> 0, HI -> 255, clipped, when 'thermal_range' is 'LO,HI', else the "
+                        "1st..99th percentile of each frame stretched to 0..255; RGBA -> its 4th channel when that "
                         "varies (MFNet's thermal frame), else the luma of its RGB; EXIF orientation applied. "
                         "'channel' is the training run's --channel (auto: this rule)",
         "short_side": str(seg.short_side),
@@ -176,8 +178,9 @@ def compare(seg, onnx_seg, paths=(), channel=None, n_random=3):
         same = (a.argmax(1) == b.argmax(1)).sum().item()
         return (a - b).abs().max().item(), same, a.argmax(1).numel(), f"{n_random} random windows"
     to_input = data.SegEvalTransform(seg.short_side)
+    thermal = data.parse_thermal_range(seg.config.get("thermal_range", ""))  # as the model was trained
     for path in paths:
-        img, _, _ = predict.read_frame(path, channel, rgbt=False)
+        img, _, _ = predict.read_frame(path, channel, rgbt=False, thermal_range=thermal)
         x, _ = to_input(img, None)
         a = unip.slide_inference(seg, x[None], seg.num_classes, seg.crop, seg.stride)
         b = unip.slide_inference(onnx_seg, x[None], seg.num_classes, seg.crop, seg.stride, patch=onnx_seg.patch)

@@ -32,8 +32,8 @@ def parse_config(config_cls, argv=None, doc=None, choices=None, recipe=None, che
     flag (--thresholds 0.06 0.12). `choices` maps field names to allowed values. `recipe(cfg)` may
     return other defaults that depend on the parsed values (train_seg.py's ViT-L recipe): the command
     line is read again with them, so flags given explicitly still win. `check(cfg)` may fill in fields
-    that depend on others and returns an error message or None; a message ends the parse as argparse's
-    own errors do (usage, the message, exit status 2)."""
+    that depend on others and returns an error message or None (or raises ValueError with one); a message
+    ends the parse as argparse's own errors do (usage, the message, exit status 2)."""
     helps = dict(re.findall(r"^\s+(\w+):.*?#\s*(.+)$", inspect.getsource(config_cls), re.M))
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults, choices = config_cls(), choices or {}
@@ -65,8 +65,13 @@ def parse_config(config_cls, argv=None, doc=None, choices=None, recipe=None, che
     if recipe is not None and (extra := recipe(cfg)):
         p.set_defaults(**extra)
         cfg = read()
-    if check is not None and (msg := check(cfg)):
-        p.error(msg)
+    if check is not None:
+        try:
+            msg = check(cfg)
+        except ValueError as e:
+            msg = str(e)
+        if msg:
+            p.error(msg)
     return cfg
 
 

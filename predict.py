@@ -11,7 +11,8 @@ Writes OUT/masks/<name>.png (mode L: the class index of every pixel, at the imag
 OUT/overlays/<name>.png (the grey frame with class colours blended in; classes coloured black, e.g. background,
 stay grey) and OUT/classes.json (index -> name and colour). <name> is the path below the image folder with its
 ending replaced by .png; two images that would share a name (a.jpg and a.png) are refused before anything is
-written. Images are decoded as in training (data.decode_grey): 16-bit / float frames stretched to 8 bits, EXIF
+written. Images are decoded as in training (data.decode_grey): 16-bit / float frames mapped to 8 bits as the training
+run mapped them (its --thermal-range, stored in the checkpoint; --thermal-range here overrides it), EXIF
 orientation applied, and the 4-channel rule: an RGBA file whose 4th channel varies is read as that channel (the
 thermal frame of MFNet's RGB-T PNGs), one whose 4th channel is constant (plain alpha) as the luma of its RGB;
 --channel luma or --channel N overrides it. A model trained on MFNet given an RGBA file without a thermal 4th
@@ -45,6 +46,7 @@ class Config:
     images: str = ""            # image folder (searched recursively), one image file, or a .txt list of image paths
     out: str = "runs/predict"   # output folder: masks/, overlays/, classes.json
     channel: str = "auto"       # auto (4-channel rule: varying 4th channel = thermal, constant = alpha) | luma | N (raw)
+    thermal_range: str = ""     # LO,HI: 16-bit / float frames mapped linearly LO -> 0, HI -> 255, clipped | stretch (per-image 1st-99th percentile) ('': the training run's mapping); 8-bit images are unaffected
     alpha: float = 0.5          # opacity of the class colours in the overlays
     amp: str = "auto"           # auto | bf16 | fp16 | none (auto as in training: unip.resolve_amp)
     device: str = "auto"        # auto | cpu | cuda | cuda:N
@@ -88,12 +90,13 @@ def output_names(paths, root):
     return names
 
 
-def read_frame(path, channel, rgbt):
+def read_frame(path, channel, rgbt, thermal_range=None):
     """(H, W) uint8 decoded as in training, what was read (data.decode_grey), and the warnings about it.
-    rgbt: the model was trained on MFNet's thermal frames (channel 3 of its RGBA PNGs)."""
+    rgbt: the model was trained on MFNet's thermal frames (channel 3 of its RGBA PNGs); thermal_range: (lo, hi) of
+    16-bit / float frames, or None (per-image stretch)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        img, source = data.decode_grey(path, channel)
+        img, source = data.decode_grey(path, channel, thermal_range)
     notes = [str(w.message) for w in caught]
     if rgbt and source == "alpha":  # an RGBA file whose 4th channel is flat: no thermal frame to read
         notes.append(f"{path}: this model was trained on MFNet's thermal frames, but the 4th channel of this RGBA "
@@ -136,7 +139,8 @@ class OnnxSegmenter:
             self.classes, self.palette = json.loads(meta["classes"]), [tuple(c) for c in json.loads(meta["palette"])]
             self.short_side, self.crop, self.stride, self.patch, self.window, self.channels = (
                 int(meta[k]) for k in ONNX_NUMBERS)
-            self.mode, self.config = meta["mode"], {"model": meta["model"], "dataset": meta["dataset"]}
+            self.mode, self.config = meta["mode"], {"model": meta["model"], "dataset": meta["dataset"],
+                                                    "thermal_range": meta.get("thermal_range", "")}
         except (KeyError, ValueError, TypeError) as e:
             why = ("it has no metadata_props" if not meta else
                    f"its metadata_props 'format' is {meta.get('format')!r}, not {ONNX_FORMAT!r}" if e.args == ("format",)
@@ -158,7 +162,7 @@ class OnnxSegmenter:
 
 def main(argv=None):
     # ------------------------------------------------------------------ config and setup
-    cfg = plumbing.parse_config(Config, argv, __doc__)
+    cfg = plumbing.parse_config(Config, argv, __doc__, check=data.check_thermal_range)
     if not (cfg.checkpoint or cfg.onnx) or not cfg.images:
         raise SystemExit("give --checkpoint (a train_seg.py checkpoint) or --onnx (an export.py file), and --images "
                          "(a folder, an image or a .txt list)")
@@ -177,10 +181,14 @@ def main(argv=None):
     channel = data.parse_channel(cfg.channel)
     seg = OnnxSegmenter(cfg.onnx) if cfg.onnx else unip.load_segmenter(cfg.checkpoint, device)
     rgbt = seg.config.get("dataset") == "mfnet"  # trained on thermal frames (MFNet's are channel 3 of its RGBA PNGs)
+    trained = seg.config.get("thermal_range", "")  # the training run's mapping of 16-bit frames ('': stretch)
+    thermal = data.parse_thermal_range(cfg.thermal_range or trained)
     to_input = data.SegEvalTransform(short_side=seg.short_side)
     print(f"{model_file}: {seg.config.get('model')} {seg.mode}, {seg.num_classes} classes "
           f"({', '.join(seg.classes)}) | {len(paths)} images | short side {seg.short_side}, windows {seg.crop} "
           f"stride {seg.stride} | device {device} | amp {amp} ({amp_why})")
+    print(data.thermal_range_note(thermal) + (f" [given by --thermal-range; training used {trained or 'stretch'}]"
+                                              if cfg.thermal_range else " [the training run's mapping]"))
     for sub in ("masks", "overlays"):
         os.makedirs(os.path.join(cfg.out, sub), exist_ok=True)
     with open(os.path.join(cfg.out, "classes.json"), "w") as f:
@@ -191,7 +199,7 @@ def main(argv=None):
     skipped, warned, sources = [], [], {}
     for path, name in zip(tqdm(paths, desc="predict", dynamic_ncols=True), names):
         try:
-            img, source, notes = read_frame(path, channel, rgbt)
+            img, source, notes = read_frame(path, channel, rgbt, thermal)
         except (OSError, ValueError) as e:
             skipped.append(path)
             tqdm.write(f"skipping {path}: {e}")

@@ -50,6 +50,7 @@ class Config:
     infrared: str = ""  # InfMix infrared root (<dataset>/thermal/*) or a plain image folder
     imagenet: str = ""  # ImageNet train root (<wnid>/*), capped at --per-class images per class
     coco: str = ""  # COCO root (train2017/*) or a folder of COCO images
+    thermal_range: str = ""  # LO,HI: 16-bit / float frames mapped linearly LO -> 0, HI -> 255, clipped, the same for every frame ('': a per-image 1st-99th percentile stretch); 8-bit images are unaffected
     per_class: int = 200  # ImageNet images per class
     synthetic_images: int = 2000  # size of the synthetic set used when no root is given
     epochs: int = 100  # epochs of the lr schedule
@@ -113,9 +114,11 @@ def pretrain_dataset(cfg, say):
     """InfMix from the data roots given, else the synthetic infrared scenes; PretrainTransform crops."""
     transform = data.PretrainTransform(cfg.img_size)
     if cfg.infrared or cfg.imagenet or cfg.coco:
+        thermal = data.parse_thermal_range(cfg.thermal_range)
         dataset = data.InfMix(cfg.infrared or None, cfg.imagenet or None, cfg.coco or None,
-                              per_class=cfg.per_class, transform=transform, seed=cfg.seed)
+                              per_class=cfg.per_class, transform=transform, seed=cfg.seed, thermal_range=thermal)
         say(dataset.summary())
+        say(data.thermal_range_note(thermal))
     else:
         dataset = data.SyntheticThermal("train", num_images=cfg.synthetic_images, transform=transform, seed=cfg.seed)
         say(f"no data roots given: {len(dataset)} synthetic infrared scenes")
@@ -204,7 +207,7 @@ def keep_copy(src, dst):
 
 
 def main(argv=None):
-    cfg = plumbing.parse_config(Config, argv, __doc__, CHOICES)
+    cfg = plumbing.parse_config(Config, argv, __doc__, CHOICES, check=data.check_thermal_range)
 
     # ---------------------------------------------------------------- distributed setup
     rt = plumbing.setup_distributed(cfg.device)

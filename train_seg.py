@@ -18,7 +18,9 @@ linear warm-up from 1e-6x, per iteration; total batch 8; 512 crops; drop_path ri
 aux loss 0.4; cross-entropy with ignore 255 on logits upsampled to the label. Iterations (= 100 epochs):
 SODA 14,400 (warm-up 1,500), MFNet-T 9,800 (1,000), SCUT-Seg 16,800 (1,700); a folder: 100 epochs.
 Evaluation: short side -> 512, sliding windows 512 / stride 341, logits resized to the original label,
-mIoU over all classes (background included, 255 ignored); every 800 iterations (SODA, SCUT-Seg), 700 (MFNet).
+mIoU over all classes (background included, 255 ignored), with mAcc (mean per-class recall) beside it; every 800
+iterations (SODA, SCUT-Seg), 700 (MFNet). --val-split test_day / test_night: MFNet's day and night test frames.
+--class-weight auto: ENet's weights 1 / ln(1.02 + p_c) in the loss (mmseg 0.11's class_weight), counted once.
 Heads initialised as mmseg's: conv-BN-ReLU convs kaiming-normal (fan_out), classifiers N(0, 0.01).
 --model vit_large takes the reference's ViT-L recipe (the MAE-L baseline) for every flag not given: drop path
 0.2, layer decay 0.65, the multi-layer pyramid (blocks 8/12/16/24), 2 images per process (4 GPUs: batch 8).
@@ -79,12 +81,13 @@ class Config:
     img_suffix: str = ".png"            # folder: image file ending
     label_suffix: str = ".png"          # folder: label file ending
     train_split: str = ""               # folder: file of training stems in --data-root (default: every image)
-    val_split: str = ""                 # evaluation split: soda test, mfnet val, scut val; folder: a stem file (default: every image)
+    val_split: str = ""                 # evaluation split: soda test, mfnet val (or test, test_day, test_night), scut val; folder: a stem file (default: every image)
     train_images: int = 0               # synthetic: number of labelled training scenes (0: 2000); real sets: --train-split
     classes: str = ""                   # folder: class names 'background,udder' or their number K
     label_map: str = ""                 # folder: raw label value -> class, e.g. '255:1' for 0/255 masks; other values kept
     scut_labels: str = "auto"           # scut: label files hold 'ids' (raw Cityscapes ids) or 'index' (0..9); auto: detect
     channel: str = "auto"               # image channel: auto (4-channel rule: a varying 4th channel is thermal; mfnet images/: 3) | luma | N
+    thermal_range: str = ""             # LO,HI: 16-bit / float frames mapped linearly LO -> 0, HI -> 255, clipped, the same for every frame ('': a per-image 1st-99th percentile stretch); 8-bit images are unaffected
     skip_mismatched: bool = False       # leave out image/label pairs of different sizes (default: name them all and stop)
     model: str = "vit_tiny"             # backbone: vit_tiny | vit_small | vit_base | vit_large
     init: str = ""                      # pre-trained backbone: train_pretrain.py checkpoint or any unip.load_pretrained format
@@ -103,6 +106,7 @@ class Config:
     drop_path: float = 0.1              # stochastic depth of the last block, linear from 0 (finetune only; vit_large: 0.2)
     layer_scale: float = 1.0            # trainable per-channel residual scales with this init, as the reference (0: off)
     aux_weight: float = 0.4             # weight of the auxiliary FCN loss (0: no auxiliary head)
+    class_weight: str = ""              # loss weight per class: auto (ENet: 1 / ln(1.02 + share of training pixels)) | w1,w2,... ('': plain cross-entropy)
     eval_every: int = -1                # evaluate every N steps and at the end (-1: soda/scut 800, mfnet 700, else 2000)
     eval_size: int = 0                  # short side of evaluation images (0: = crop)
     eval_stride: int = 0                # sliding-window stride (0: 2/3 of the crop, 341 at 512)
@@ -125,7 +129,49 @@ CHOICES = {"mode": ["finetune", "linear", "layer-linear"], "pyramid": ["ll", "mu
 def parse_config(argv=None) -> Config:
     # --model vit_large: the reference's ViT-L recipe as defaults; flags on the command line still win
     return plumbing.parse_config(Config, argv, __doc__, CHOICES,
-                               recipe=lambda c: LARGE_RECIPE if c.model == "vit_large" else None)
+                               recipe=lambda c: LARGE_RECIPE if c.model == "vit_large" else None, check=check_config)
+
+
+def check_config(cfg):
+    """Usage errors found from the flags alone: --thermal-range, --class-weight (ValueError)."""
+    data.parse_thermal_range(cfg.thermal_range)
+    parse_class_weight(cfg.class_weight, dataset_classes(cfg))
+
+
+def dataset_classes(cfg):
+    """The classes of --dataset, known before any file is read; None for a folder set without --classes."""
+    presets = {"synthetic": data.SYN_CLASSES, "soda": data.SODA_CLASSES, "mfnet": data.MFNET_CLASSES,
+               "scut": data.SCUT_CLASSES}
+    if cfg.dataset in presets:
+        return list(presets[cfg.dataset])
+    if not cfg.classes:
+        return None
+    return [str(k) for k in range(int(cfg.classes))] if cfg.classes.isdigit() else cfg.classes.split(",")
+
+
+def parse_class_weight(text, classes):
+    """--class-weight -> None ('': plain cross-entropy), 'auto', or a list of one weight per class. ValueError naming
+    the class count and names when the count is wrong."""
+    if text in ("", "auto"):
+        return text or None
+    try:
+        weights = [float(v) for v in text.split(",")]
+    except ValueError:
+        weights = None
+    if weights is None or not all(math.isfinite(w) and w >= 0 for w in weights) or not any(weights):
+        raise ValueError(f"--class-weight {text!r}: expected auto, or one weight >= 0 per class, comma-separated")
+    if classes is not None and len(weights) != len(classes):
+        raise ValueError(f"--class-weight: {len(weights)} weights given, but the dataset has {len(classes)} classes "
+                         f"({', '.join(classes)}): give {len(classes)} comma-separated weights in that order, or auto")
+    return weights
+
+
+def enet_weights(counts):
+    """ENet's class weights (Paszke et al., 2016): w_c = 1 / ln(1.02 + p_c), p_c the class's share of the labelled
+    pixels. counts: (K,) pixels per class (ignored pixels not among them). A class without pixels gets the largest
+    weight, 1 / ln(1.02) = 50.5."""
+    p = np.asarray(counts, np.float64) / max(int(np.sum(counts)), 1)
+    return (1.0 / np.log(1.02 + p)).tolist()
 
 
 def inference_arch(cfg, seg, crop, stride, classes, palette):
@@ -194,6 +240,7 @@ def build_datasets(cfg, crop, say):
         raise SystemExit(f"--dataset {cfg.dataset}: data root {cfg.data_root!r} is not a folder (--data-root)")
     channel = data.parse_channel(cfg.channel)
     chan = {} if channel is None else dict(thermal_channel=channel)  # auto: the preset's own (mfnet images/: 3)
+    chan["thermal_range"] = data.parse_thermal_range(cfg.thermal_range)  # the same decoding for training and evaluation
     if cfg.dataset == "synthetic":
         train_set = data.SyntheticThermal("train", num_images=cfg.train_images or None, transform=train_tf, seed=cfg.seed)
         val_set = data.SyntheticThermal("val", num_images=100, transform=eval_tf, seed=cfg.seed)
@@ -208,8 +255,7 @@ def build_datasets(cfg, crop, say):
     elif cfg.dataset == "folder":
         if not cfg.classes:
             raise SystemExit("--dataset folder needs --classes (names 'a,b,c' or a number)")
-        classes = [str(k) for k in range(int(cfg.classes))] if cfg.classes.isdigit() else cfg.classes.split(",")
-        kw = dict(img_suffix=cfg.img_suffix, label_suffix=cfg.label_suffix, classes=classes,
+        kw = dict(img_suffix=cfg.img_suffix, label_suffix=cfg.label_suffix, classes=dataset_classes(cfg),
                   label_map=parse_label_map(cfg.label_map), seed=cfg.seed, **chan)
         dirs = os.path.join(cfg.data_root, cfg.img_dir), os.path.join(cfg.data_root, cfg.label_dir)
         val_dirs = (os.path.join(cfg.data_root, cfg.val_img_dir or cfg.img_dir),
@@ -280,8 +326,8 @@ def build_backbone(cfg, crop, finetune, master):
 
 def resume_from(path, seg, opt, scaler, cfg, rt):
     """Load a train_seg.py checkpoint into seg (and opt, scaler, this rank's RNG when it is a full ckpt.pt; best.pt
-    holds the model only). Returns (step, best mIoU, its step). A checkpoint of another architecture is refused,
-    naming the flags of the run that wrote it."""
+    holds the model only). Returns (step, (best mIoU, mAcc then, its step), the class weights of its loss or None).
+    A checkpoint of another architecture is refused, naming the flags of the run that wrote it."""
     ck = unip.load_checkpoint(path)
     heads = seg.backbone.blocks[-1].attn.heads  # not visible in the weights' shapes: check it
     if ck.get("last_heads", heads) != heads:
@@ -299,19 +345,53 @@ def resume_from(path, seg, opt, scaler, cfg, rt):
         opt.load_state_dict(ck["optimizer"])
         scaler.load_state_dict(ck["scaler"])
         plumbing.restore_rng(rt, ck["rng"], cfg.seed, ck["step"])  # same world size: each rank continues its stream
-    return ck["step"], ck.get("best_miou", -1.0), ck.get("best_step", -1)
+    was = ck.get("config", {}).get("class_weight", "")
+    if was != cfg.class_weight and not cfg.eval_only:  # the flags of a resumed run win; say so for the loss
+        rt.print(f"note: {path} was trained with --class-weight {was or 'none'}, this run goes on with "
+                 f"{cfg.class_weight or 'none'}")
+    best = ck.get("best_miou", -1.0), ck.get("best_macc", float("nan")), ck.get("best_step", -1)
+    return ck["step"], best, ck.get("class_weight")
+
+
+def loss_weights(cfg, train_set, counts, saved, say):
+    """(K,) float32 class weights of the loss, or None (plain cross-entropy), and their table printed: --class-weight
+    w1,...; or auto, ENet's weights from the pixel counts of the training labels (`counts`, (256,), or counted here),
+    counted once: a resumed run passes the checkpoint's weights as `saved` and they are used as they are."""
+    classes = list(train_set.classes)
+    spec = parse_class_weight(cfg.class_weight, classes)
+    if spec is None:
+        return None
+    share = None
+    if spec != "auto":
+        weights, how = spec, "--class-weight"
+    elif saved is not None:
+        weights, how = [float(w) for w in saved], "auto, from the resumed checkpoint (not counted again)"
+    else:
+        if counts is None:
+            say(f"--class-weight auto: counting the labels of {len(train_set)} training images")
+            counts = train_set.label_counts()
+        counts = counts[:len(classes)]  # 255 (ignored) and values no class has are not labelled pixels
+        weights, share = enet_weights(counts), counts / max(int(counts.sum()), 1)
+        how = f"auto: ENet's 1 / ln(1.02 + p), p = share of the labelled pixels of {len(train_set)} training images"
+    w = max(len(c) for c in classes)
+    say(f"class weights of the loss ({how}):\n" + "\n".join(
+        f"  {c:<{w}} {v:8.4f}" + (f"   {share[k]:7.2%} of the pixels" if share is not None else "")
+        for k, (c, v) in enumerate(zip(classes, weights))))
+    return torch.tensor(weights, dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------- training and evaluation
 
 
-def train_step(model, opt, scaler, x, y, lr, aux_weight, autocast):
-    """One AdamW step at `lr` (times each group's layer-decay scale) on a batch; returns the loss (detached)."""
+def train_step(model, opt, scaler, x, y, lr, aux_weight, autocast, weight=None):
+    """One AdamW step at `lr` (times each group's layer-decay scale) on a batch; returns the loss (detached).
+    weight: (K,) class weights of both losses (--class-weight), or None."""
     for g in opt.param_groups:
         g["lr"] = lr * g["lr_scale"]
     with autocast():
         out, aux = model(x)  # (B, K, crop/4, crop/4) [linear: /16], aux (B, K, crop/16, crop/16) or None
-    loss = unip.seg_loss(out, y) + (aux_weight * unip.seg_loss(aux, y) if aux is not None else 0.0)
+    loss = unip.seg_loss(out, y, weight=weight) + (aux_weight * unip.seg_loss(aux, y, weight=weight)
+                                                   if aux is not None else 0.0)
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(opt)
@@ -322,7 +402,8 @@ def train_step(model, opt, scaler, x, y, lr, aux_weight, autocast):
 def evaluate(seg, val_set, n_eval, crop, stride, autocast, rt, workers=0, num_samples=4, seed=0):
     """Sliding-window evaluation of this rank's share of the first n_eval images; confusion summed over
     ranks. Returns the (K, K) confusion matrix, a few (index, prediction) pairs of rank 0, and every image's
-    (index, intersection per class, union per class), gathered from all ranks, for per-image scores."""
+    (index, intersection per class, union per class, ground-truth pixels per class), gathered from all ranks, for
+    per-image scores."""
     K, attns = seg.num_classes, [m for m in seg.modules() if isinstance(m, unip.Attention)]
     training_fused = [m.fused for m in attns]
     seg.eval()
@@ -338,7 +419,7 @@ def evaluate(seg, val_set, n_eval, crop, stride, autocast, rt, workers=0, num_sa
         pred = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False).argmax(1)
         c = unip.confusion_matrix(pred, y, K)  # (K, K) of this image
         conf += c
-        per_image.append((i, c.diag().tolist(), (c.sum(0) + c.sum(1) - c.diag()).tolist()))
+        per_image.append((i, c.diag().tolist(), (c.sum(0) + c.sum(1) - c.diag()).tolist(), c.sum(1).tolist()))
         if len(samples) < num_samples:
             samples.append((i, pred[0].cpu().numpy()))
     if rt.ddp:
@@ -353,19 +434,29 @@ def evaluate(seg, val_set, n_eval, crop, stride, autocast, rt, workers=0, num_sa
 
 
 def report(conf, samples, per_image, val_set, step, epoch, out, master):
-    """Print the per-class IoU table, log it, write every image's IoU per class to per_image.json (with the
-    pixel counts behind it, so any subset can be re-scored), save image | label | prediction PNGs. Returns mIoU (%)."""
+    """Print the per-class IoU and accuracy table, log it, write every image's IoU and accuracy per class to
+    per_image.json (with the pixel counts behind them, so any subset can be re-scored), save image | label |
+    prediction PNGs. Returns (mIoU, mAcc) in %. Accuracy of a class = its pixels predicted right / its ground-truth
+    pixels (recall); classes without ground-truth pixels are left out of mAcc, as classes in neither prediction
+    nor ground truth are left out of mIoU."""
     class_names = list(val_set.classes)
-    iou = unip.iou_from_confusion(conf) * 100
-    miou, acc = torch.nanmean(iou).item(), (conf.diag().sum() / conf.sum().clamp_min(1)).item() * 100
+    iou, cacc = unip.iou_from_confusion(conf) * 100, unip.acc_from_confusion(conf) * 100
+    miou, macc = torch.nanmean(iou).item(), torch.nanmean(cacc).item()
+    acc = (conf.diag().sum() / conf.sum().clamp_min(1)).item() * 100
     if master:
-        w = max(len(c) for c in class_names + ["mIoU"])
-        tqdm.write(f"step {step}: IoU per class (%)\n" + "\n".join(
-            f"  {c:<{w}} {v:6.2f}" for c, v in zip(class_names + ["mIoU", "pixel acc"], iou.tolist() + [miou, acc])))
-        plumbing.log_row(out, {"step": step, "epoch": epoch, "miou": miou, "acc": acc,
-                             "iou": {c: (None if math.isnan(v) else v) for c, v in zip(class_names, iou.tolist())}})
+        w = max(len(c) for c in class_names + ["mIoU / mAcc"])
+        cells = lambda v: "     -" if math.isnan(v) else f"{v:6.2f}"
+        tqdm.write(f"step {step}: per class (%)\n  {'':<{w}}    IoU    Acc\n" + "\n".join(
+            f"  {c:<{w}} {cells(v)} {cells(a)}" for c, v, a in zip(class_names, iou.tolist(), cacc.tolist()))
+            + f"\n  {'mIoU / mAcc':<{w}} {miou:6.2f} {macc:6.2f}\n  {'pixel acc':<{w}} {acc:6.2f}")
+        finite = lambda v: None if math.isnan(v) else v
+        plumbing.log_row(out, {"step": step, "epoch": epoch, "miou": miou, "macc": finite(macc), "acc": acc,
+                               "iou": {c: finite(v) for c, v in zip(class_names, iou.tolist())},
+                               "class_acc": {c: finite(v) for c, v in zip(class_names, cacc.tolist())}})
         scores = {val_set.name(i): {"iou": [None if u == 0 else 100 * n / u for n, u in zip(inter, union)],
-                                    "intersection": inter, "union": union} for i, inter, union in per_image}
+                                    "acc": [None if g == 0 else 100 * n / g for n, g in zip(inter, gt)],
+                                    "intersection": inter, "union": union, "gt": gt}
+                  for i, inter, union, gt in per_image}
         with open(os.path.join(out, "per_image.json.tmp"), "w") as f:
             json.dump({"step": step, "classes": class_names, "images": scores}, f)
         os.replace(os.path.join(out, "per_image.json.tmp"), os.path.join(out, "per_image.json"))
@@ -374,7 +465,7 @@ def report(conf, samples, per_image, val_set, step, epoch, out, master):
             panels = [np.repeat(img[..., None], 3, 2), data.colorize(label, val_set.palette),
                       data.colorize(pred, val_set.palette)]
             Image.fromarray(np.concatenate(panels, 1)).save(os.path.join(out, f"pred_{val_set.name(i)}.png"))
-    return miou
+    return miou, macc
 
 
 def recipe_notes(cfg, crop, patch, finetune):
@@ -413,9 +504,11 @@ def main(argv=None):
     # ------------------------------------------------------------------ data
     train_set, val_set = build_datasets(cfg, crop, rt.print)
     K, class_names = train_set.num_classes, list(train_set.classes)
+    counts = None  # pixels per label value of the training labels, (256,)
     if cfg.dataset != "synthetic":  # pairs of different sizes, labels that cannot teach a class: say so now
         drop_mismatched_pairs(train_set, val_set, cfg.skip_mismatched, rt.print)
-        warning = check_labels(train_set.label_counts(), class_names, len(train_set))
+        counts = train_set.label_counts()
+        warning = check_labels(counts, class_names, len(train_set))
         if warning:
             rt.print(warning)
     iters, warmup, stop, eval_every = schedule(cfg, len(train_set))
@@ -454,14 +547,18 @@ def main(argv=None):
         model = DDP(model, device_ids=[rt.local_rank] if device.type == "cuda" else None)
 
     # ------------------------------------------------------------------ resume
-    step, best, best_step, last_ckpt = 0, -1.0, -1, None
+    step, (best, best_macc, best_step), last_ckpt, saved_weight = 0, (-1.0, float("nan"), -1), None, None
     resume = plumbing.resume_path(cfg.resume, cfg.out)
     if resume:
-        step, best, best_step = resume_from(resume, seg, opt, scaler, cfg, rt)
+        step, (best, best_macc, best_step), saved_weight = resume_from(resume, seg, opt, scaler, cfg, rt)
         last_ckpt = resume
         rt.print(f"resumed from {resume} at step {step}")
     elif cfg.eval_only:
         raise SystemExit("--eval-only needs --resume PATH (a train_seg.py checkpoint)")
+
+    # ------------------------------------------------------------------ loss weights (counted once: a resume keeps them)
+    weight = None if cfg.eval_only else loss_weights(cfg, train_set, counts, saved_weight, rt.print)
+    weight = None if weight is None else weight.to(device)
 
     os.makedirs(cfg.out, exist_ok=True)
     n_train = sum(p.numel() for p in seg.parameters() if p.requires_grad)
@@ -472,17 +569,20 @@ def main(argv=None):
              + (f"evaluation every {eval_every} steps and at the end" if eval_every else "evaluation at the end"))
     for note in recipe_notes(cfg, crop, patch, finetune):
         rt.print(note)
+    if cfg.dataset != "synthetic":  # synthetic scenes are rendered in 8 bits: no file is decoded
+        rt.print(data.thermal_range_note(data.parse_thermal_range(cfg.thermal_range)))
 
     def save(path, full=True):  # a collective call when full (every rank's RNG state)
         obj = {"model": seg.state_dict(), "step": step, "epoch": step // steps_per_epoch, "config": asdict(cfg),
-               "classes": class_names, "best_miou": best, "best_step": best_step,
-               "last_heads": backbone.blocks[-1].attn.heads, "segmenter": arch}
+               "classes": class_names, "best_miou": best, "best_macc": best_macc, "best_step": best_step,
+               "last_heads": backbone.blocks[-1].attn.heads, "segmenter": arch,
+               "class_weight": None if weight is None else weight.cpu()}
         if full:
             obj.update(optimizer=opt.state_dict(), scaler=scaler.state_dict(), rng=plumbing.rng_state(rt))
         if rt.master:
             unip.save_checkpoint(obj, path)
 
-    def evaluate_and_report():  # -> mIoU (%)
+    def evaluate_and_report():  # -> (mIoU, mAcc) in %
         conf, samples, per_image = evaluate(seg, val_set, n_eval, crop, stride, autocast, rt, cfg.workers,
                                             cfg.num_samples, cfg.seed)
         return report(conf, samples, per_image, val_set, step, step // steps_per_epoch, cfg.out, rt.master)
@@ -508,7 +608,8 @@ def main(argv=None):
             # reach the model; the pad's labels are ignored. A no-op at multiples.
             x, y = unip.center_pad(x, patch)[0], unip.center_pad(y, patch, value=255)[0]
             lr = poly_lr(step, cfg.lr, iters, warmup)
-            loss_sum, loss_n = loss_sum + train_step(model, opt, scaler, x, y, lr, cfg.aux_weight, autocast), loss_n + 1
+            loss = train_step(model, opt, scaler, x, y, lr, cfg.aux_weight, autocast, weight)
+            loss_sum, loss_n = loss_sum + loss, loss_n + 1
             step += 1
             pbar.update(1)
 
@@ -526,9 +627,9 @@ def main(argv=None):
             if saving and loss_n:  # a non-finite loss raises here: nothing saved from it
                 plumbing.check_finite(plumbing.mean_loss(loss_sum, loss_n, rt.ddp), step, last_ckpt)
             if evaluating:
-                miou = evaluate_and_report()
-                if miou > best:
-                    best, best_step = miou, step
+                miou, macc = evaluate_and_report()
+                if miou > best:  # best.pt: the best mIoU; its mAcc is kept beside it
+                    best, best_macc, best_step = miou, macc, step
                     save(os.path.join(cfg.out, "best.pt"), full=False)
                 t0, t_step = time.time(), step  # evaluation time is not training speed
             if saving:
@@ -539,7 +640,8 @@ def main(argv=None):
     pbar.close()
 
     # ------------------------------------------------------------------ end (the last step was evaluated and saved)
-    rt.print(f"done: step {step}/{iters}; best mIoU {best:.2f} at step {best_step}; checkpoints in {cfg.out}")
+    rt.print(f"done: step {step}/{iters}; best mIoU {best:.2f} (mAcc {best_macc:.2f}) at step {best_step}; "
+             f"checkpoints in {cfg.out}")
     if rt.ddp:
         dist.destroy_process_group()
 

@@ -555,11 +555,13 @@ class Segmenter(nn.Module):
         return self.head(torch.cat(feats, 1)), None
 
 
-def seg_loss(logits, label, ignore_index=255):
+def seg_loss(logits, label, ignore_index=255, weight=None):
     """Cross-entropy of (B, K, h, w) logits upsampled to the (B, H, W) label, averaged over all
-    pixels with ignored ones counting 0, as mmseg 0.11: an all-ignore crop gives 0, not NaN."""
+    pixels with ignored ones counting 0, as mmseg 0.11: an all-ignore crop gives 0, not NaN.
+    weight (K,): each pixel's loss times weight[its class], still averaged over all pixels (mmseg 0.11's
+    class_weight; not torch's weighted mean, which divides by the sum of the weights)."""
     logits = _up(logits.float(), label.shape[-2:])
-    return F.cross_entropy(logits, label, ignore_index=ignore_index, reduction="none").mean()
+    return F.cross_entropy(logits, label, weight=weight, ignore_index=ignore_index, reduction="none").mean()
 
 
 # -----------------------------------------------------------------------------
@@ -1130,7 +1132,7 @@ class AttentionLogits(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# 11. inference: sliding windows, mIoU
+# 11. inference: sliding windows, mIoU and mAcc
 
 
 @torch.no_grad()
@@ -1182,3 +1184,11 @@ def iou_from_confusion(conf):
 
 def mean_iou(conf):
     return torch.nanmean(iou_from_confusion(conf)).item()
+
+
+def acc_from_confusion(conf):
+    """Per-class accuracy (recall) = TP / ground-truth pixels of the class; NaN for a class with no
+    ground-truth pixel, left out of the mean (mAcc) as for IoU."""
+    conf = conf.double()
+    gt = conf.sum(1)
+    return torch.where(gt > 0, conf.diag() / gt.clamp_min(1), torch.full_like(gt, float("nan")))

@@ -223,6 +223,20 @@ def test_parse_config_lists_commas_and_tuples():
     assert cfg.checkpoint == ["none"] and cfg.thresholds == (0.06, 0.12) and cfg.layers == () and cfg.img_size == 224
 
 
+def test_thermal_range_reaches_the_analysed_frames(tmp_path, capsys):
+    raw = np.tile(np.linspace(19000, 25000, 40), (30, 1)).astype(np.uint16)  # 16-bit radiometric
+    (tmp_path / "ir").mkdir()
+    Image.fromarray(raw).save(tmp_path / "ir" / "a.png")
+    tf = analyze.EvalTransform(32)
+    for argv, want in ((["--thermal-range", "20000,24000"], analyze.data.range_to_uint8(raw, 20000, 24000)),
+                       ([], analyze.data.stretch_to_uint8(raw))):
+        ds, _ = analyze.image_source(analyze.parse_config(["--images", str(tmp_path / "ir"), *argv]), tf)
+        assert np.array_equal(ds.load(0)[0], want)
+    with pytest.raises(SystemExit) as e:
+        analyze.parse_config(["--thermal-range", "20000"])
+    assert e.value.code == 2 and "expected LO,HI" in capsys.readouterr().err
+
+
 # -----------------------------------------------------------------------------
 # pictures
 

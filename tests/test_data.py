@@ -119,6 +119,61 @@ def test_high_bit_depth_keeps_contrast(tmp_path):
     assert (data.load_grey(save(tmp_path / 'flat.png', np.full((8, 8), 21000, np.uint16))) == 0).all()
 
 
+def test_fixed_thermal_range_is_one_map_for_every_frame(tmp_path):
+    lo, hi = 20000, 24000
+    a = np.array([[19000, 20000, 22000, 24000, 30000]], np.uint16)
+    assert data.range_to_uint8(a, lo, hi).tolist() == [[0, 0, 128, 255, 255]]  # LO -> 0, HI -> 255, clipped outside
+    f = np.array([[np.nan, -np.inf, 20.5, 21.0]], np.float32)
+    assert data.range_to_uint8(f, 20.0, 21.0).tolist() == [[0, 0, 128, 255]]   # float frames; non-finite -> 0
+    # a cold and a hot frame share the value 21000: one grey with the fixed map, two with the per-image stretch
+    cold = np.tile(np.linspace(20000, 21000, 64), (8, 1)).astype(np.uint16)
+    hot = np.tile(np.linspace(20500, 24000, 64), (8, 1)).astype(np.uint16)
+    pc, ph = save(tmp_path / 'cold.png', cold), save(tmp_path / 'hot.png', hot)
+    at = lambda img, frame: img[frame == 21000]
+    fixed = [data.load_grey(p, thermal_range=(lo, hi)) for p in (pc, ph)]
+    assert set(at(fixed[0], cold)) == set(at(fixed[1], hot)) == {64}            # (21000 - 20000) / 4000 * 255
+    stretched = [data.load_grey(p) for p in (pc, ph)]
+    assert at(stretched[0], cold).min() > 200 and at(stretched[1], hot).max() < 60  # the stretch: hot, then cold
+    assert np.array_equal(fixed[1], data.range_to_uint8(hot, lo, hi))
+    # float TIFFs and raw channels take the same map; 8-bit files are read as they are
+    assert np.array_equal(data.load_grey(save(tmp_path / 'f.tif', cold.astype(np.float32)), thermal_range=(lo, hi)),
+                          fixed[0])
+    g8 = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+    assert np.array_equal(data.load_grey(save(tmp_path / 'g8.png', g8), thermal_range=(lo, hi)), g8)
+    assert data.decode_grey(pc, thermal_range=(lo, hi))[1] == 'grey'
+
+
+def test_parse_thermal_range():
+    assert data.parse_thermal_range('') is None and data.parse_thermal_range('Stretch') is None
+    assert data.parse_thermal_range('20000,24000') == (20000.0, 24000.0)
+    assert data.parse_thermal_range(' -5.5, 1e3 ') == (-5.5, 1000.0)
+    for bad in ('24000,20000', '3,3', '20000', '1,2,3', 'a,b', '1,inf', '1;2'):
+        with pytest.raises(ValueError, match=r'--thermal-range .*expected LO,HI, two numbers with LO < HI'):
+            data.parse_thermal_range(bad)
+    assert 'per-image 1st-99th percentile stretch' in data.thermal_range_note(None)
+    assert 'raw 20000..24000 -> 0..255, clipped' in data.thermal_range_note((20000.0, 24000.0))
+
+
+def test_16bit_frames_through_the_datasets_with_a_fixed_range(tmp_path):
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(19000, 25000, (16, 24)).astype(np.uint16) for _ in range(2)]
+    lab = np.zeros((16, 24), np.uint8)
+    lab[4:12, 6:18] = 1
+    for k, f in enumerate(frames):
+        save(tmp_path / 'images' / f'f{k}.png', f)
+        save(tmp_path / 'labels' / f'f{k}.png', lab)
+    assert Image.open(tmp_path / 'images' / 'f0.png').mode == 'I;16'
+    ds = data.SegFolder(tmp_path / 'images', tmp_path / 'labels', classes=['bg', 'warm'], transform=raw,
+                        thermal_range=(20000, 24000))
+    default = data.SegFolder(tmp_path / 'images', tmp_path / 'labels', classes=['bg', 'warm'], transform=raw)
+    for k, f in enumerate(frames):
+        img, label = ds[k]
+        assert np.array_equal(img, data.range_to_uint8(f, 20000, 24000)) and np.array_equal(label, lab)
+        assert np.array_equal(default[k][0], data.stretch_to_uint8(f))
+    mix = data.InfMix(infrared=tmp_path / 'images', transform=raw, thermal_range=(20000, 24000))
+    assert np.array_equal(mix[1][0], data.range_to_uint8(frames[1], 20000, 24000))
+
+
 def test_other_modes_and_exif(tmp_path):
     rgba = np.zeros((10, 12, 4), np.uint8)
     rgba[..., :3], rgba[..., 3] = 120, 0                             # fully transparent: alpha is ignored
@@ -204,6 +259,18 @@ def test_mfnet_preset_four_channel_png(tmp_path):
     assert data.mfnet(tmp_path, 'val').name(0) == '00002N' and len(data.mfnet(tmp_path, 'test')) == 1
     save(tmp_path / 'thermal_imgs' / '00001D.png', np.full((16, 24), 33, np.uint8))  # pre-extracted wins
     assert (data.mfnet(tmp_path, 'train', transform=raw)[0][0] == 33).all()
+
+
+def test_mfnet_day_and_night_test_splits(tmp_path):
+    lab = np.zeros((16, 24), np.uint8)
+    seg_tree(tmp_path, 'thermal_imgs', 'labels', ['00001D', '00002N', '00003D'], '.png', [lab] * 3)
+    (tmp_path / 'test_day.txt').write_text('00001D\n00003D\n')
+    ds = data.mfnet(tmp_path, 'test_day')
+    assert [ds.name(i) for i in range(len(ds))] == ['00001D', '00003D']
+    with pytest.raises(FileNotFoundError, match=r"split 'test_night' needs the list file .*test_night\.txt"):
+        data.mfnet(tmp_path, 'test_night')
+    with pytest.raises(ValueError, match=r"split must be one of \['train', 'val', 'test', 'test_day', 'test_night'\]"):
+        data.mfnet(tmp_path, 'night')
 
 
 def test_scut_preset_maps_cityscapes_ids(tmp_path):

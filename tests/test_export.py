@@ -85,7 +85,8 @@ def test_metadata_round_trip(ckpt, exported):
     assert (float(meta["mean"]), float(meta["std"])) == (data.SEG_MEAN, data.SEG_STD)
     assert {k: meta[k] for k in predict.ONNX_NUMBERS} == {"short_side": "64", "crop": "64", "stride": "42",
                                                           "patch": "16", "window": "64", "channels": "3"}
-    assert [meta[k] for k in ("model", "mode", "dataset", "channel")] == ["vit_micro", "finetune", "synthetic", "auto"]
+    assert [meta[k] for k in ("model", "mode", "dataset", "channel", "thermal_range")] == [
+        "vit_micro", "finetune", "synthetic", "auto", ""]
     assert all(meta[k] for k in ("input", "normalisation", "channel_rule", "sliding_window", "output"))
     seg, onnx_seg = unip.load_segmenter(ckpt), predict.OnnxSegmenter(str(path))
     for name in ("classes", "palette", "crop", "stride", "short_side", "num_classes", "mode"):
@@ -109,6 +110,24 @@ def test_predict_onnx_writes_the_masks_of_the_pytorch_path(ckpt, exported, tmp_p
             assert np.array_equal(a, b), (name, sub)
     pt, ox = (json.loads((tmp_path / run / "classes.json").read_text()) for run in ("pt", "ox"))
     assert ox["onnx"] == str(exported[0]) and (ox["classes"], ox["palette"]) == (pt["classes"], pt["palette"])
+
+
+def test_the_file_carries_the_training_mapping_of_16bit_frames(ckpt, exported, tmp_path, capsys):
+    seg = unip.load_segmenter(ckpt)
+    seg.config["thermal_range"] = "20000,24000"  # what a run with --thermal-range 20000,24000 stores
+    assert export.metadata(seg, "best.pt", 64, 3)["thermal_range"] == "20000,24000"
+    model = onnx.load(str(exported[0]))
+    next(p for p in model.metadata_props if p.key == "thermal_range").value = "20000,24000"
+    onnx.save(model, str(tmp_path / "tr.onnx"))
+    src = tmp_path / "frames"
+    src.mkdir()
+    Image.fromarray(np.tile(np.linspace(18000, 26000, 80), (48, 1)).astype(np.uint16)).save(src / "r16.png")
+    predict.main(["--onnx", str(tmp_path / "tr.onnx"), "--images", str(src), "--out", str(tmp_path / "ox")])
+    assert "raw 20000..24000 -> 0..255, clipped" in capsys.readouterr().out
+    predict.main(["--checkpoint", str(ckpt), "--images", str(src), "--out", str(tmp_path / "pt"), "--amp", "none",
+                  "--thermal-range", "20000,24000"])
+    a, b = (np.array(Image.open(tmp_path / run / "overlays" / "r16.png")) for run in ("pt", "ox"))
+    assert np.array_equal(a, b)
 
 
 def test_dinov2_shaped_linear_probe_with_padded_windows(tmp_path):

@@ -65,7 +65,7 @@ def test_predict_a_folder(ckpt, tmp_path, capsys):
     (src / "night").mkdir(parents=True)
     grey = frame()
     Image.fromarray(grey).save(src / "a.png")
-    # a 16-bit radiometric frame: decoded by the training rule (1st..99th percentile stretch), not cast
+    # a 16-bit radiometric frame: decoded by the training rule (default: 1st..99th percentile stretch), not cast
     Image.fromarray((grey.astype(np.int32) * 3 + 20000).astype(np.uint16)).save(src / "night" / "b16.png")
     # a JPEG whose EXIF says "rotate 90": the mask has the size of the image as displayed (80 x 48 -> 48 x 80)
     exif = Image.Exif()
@@ -91,6 +91,65 @@ def test_predict_a_folder(ckpt, tmp_path, capsys):
     assert np.array_equal(data.load_grey(src / "night" / "b16.png"), data.stretch_to_uint8(np.array(Image.open(src / "night" / "b16.png"))))
     meta = json.loads((out / "classes.json").read_text())
     assert meta["classes"] == list(data.SYN_CLASSES) and meta["palette"][7] == [0, 0, 142]
+
+
+@pytest.fixture(scope="module")
+def ckpt16(tmp_path_factory):
+    """best.pt of a 1-step train_seg.py run on 16-bit radiometric frames read with --thermal-range 20000,24000."""
+    root, rng = tmp_path_factory.mktemp("radiometric"), np.random.default_rng(0)
+    for d in ("images", "labels"):
+        (root / d).mkdir()
+    for k in range(3):
+        lab = np.zeros((48, 64), np.uint8)
+        lab[8 + 4 * k:30, 10:40 + 4 * k] = 1
+        raw = (20000 + 2000.0 * lab + rng.normal(0, 300, lab.shape)).astype(np.uint16)
+        Image.fromarray(raw).save(root / "images" / f"f{k}.png")
+        Image.fromarray(lab).save(root / "labels" / f"f{k}.png")
+    out = root / "run"
+    cmd = [sys.executable, str(ROOT / "train_seg.py"), "--out", str(out), "--steps", "1", "--crop", "64",
+           "--batch-size", "2", "--eval-images", "1", "--workers", "0", "--num-samples", "0", "--dataset", "folder",
+           "--data-root", str(root), "--classes", "background,warm", "--thermal-range", "20000,24000"]
+    p = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "16-bit / float frames: raw 20000..24000 -> 0..255" in p.stdout
+    return out / "best.pt"
+
+
+def test_predict_maps_16bit_frames_as_the_training_run_did(ckpt16, tmp_path, capsys):
+    assert unip.load_checkpoint(ckpt16)["config"]["thermal_range"] == "20000,24000"
+    src = tmp_path / "in"
+    src.mkdir()
+    raw = np.tile(np.linspace(18000, 26000, 80), (48, 1)).astype(np.uint16)  # runs past both ends of the range
+    Image.fromarray(raw).save(src / "r16.png")
+    Image.fromarray(frame()).save(src / "g8.png")
+    seg = unip.load_segmenter(ckpt16)
+
+    def check(out, grey16):  # masks as evaluation predicts them; overlays: background pixels show the grey seen
+        for name, grey in (("r16", grey16), ("g8", frame())):
+            mask = np.array(Image.open(out / "masks" / f"{name}.png"))
+            with torch.no_grad():
+                assert np.array_equal(mask, expected_mask(seg, grey)), name
+            overlay = np.array(Image.open(out / "overlays" / f"{name}.png"))
+            assert (mask == 0).any() and np.array_equal(overlay[mask == 0][:, 0], grey[mask == 0]), name
+
+    fixed, stretched = data.range_to_uint8(raw, 20000, 24000), data.stretch_to_uint8(raw)
+    assert not np.array_equal(fixed, stretched)
+    predict.main(["--checkpoint", str(ckpt16), "--images", str(src), "--out", str(tmp_path / "a"), "--amp", "none"])
+    log = capsys.readouterr().out
+    assert "16-bit / float frames: raw 20000..24000 -> 0..255, clipped" in log and "[the training run's mapping]" in log
+    check(tmp_path / "a", fixed)
+    # --thermal-range given: it wins, and the output says so (8-bit images: the same as before)
+    for flag, grey, said in (("stretch", stretched, "per-image 1st-99th percentile stretch"),
+                             ("0,65535", data.range_to_uint8(raw, 0, 65535), "raw 0..65535 -> 0..255")):
+        predict.main(["--checkpoint", str(ckpt16), "--images", str(src), "--out", str(tmp_path / flag), "--amp", "none",
+                      "--thermal-range", flag])
+        log = capsys.readouterr().out
+        assert said in log and "[given by --thermal-range; training used 20000,24000]" in log
+        check(tmp_path / flag, grey)
+    with pytest.raises(SystemExit) as e:
+        predict.main(["--checkpoint", str(ckpt16), "--images", str(src), "--thermal-range", "24000,20000"])
+    assert e.value.code == 2 and "--thermal-range '24000,20000': expected LO,HI" in capsys.readouterr().err
 
 
 def test_overlay_blends_class_colours_and_leaves_black_classes_grey(ckpt, tmp_path):

@@ -121,6 +121,17 @@ def test_teacher_layer_auto_uses_the_layer_it_prints(teacher, tmp_path, capsys):
     assert len(re.findall(r"^\s*\d+\s+[\d.]+\s+\d+\s+\d+\s+\d+", out, re.M)) == 12  # one row per teacher layer
 
 
+def test_thermal_range_reaches_the_infmix_frames(tmp_path):
+    raw = np.tile(np.linspace(19000, 25000, 40), (30, 1)).astype(np.uint16)  # 16-bit radiometric
+    (tmp_path / "ir").mkdir()
+    Image.fromarray(raw).save(tmp_path / "ir" / "a.png")
+    said = []
+    cfg = train_pretrain.Config(infrared=str(tmp_path / "ir"), thermal_range="20000,24000")
+    ds = train_pretrain.pretrain_dataset(cfg, said.append)
+    assert np.array_equal(ds.load(0)[0], train_pretrain.data.range_to_uint8(raw, 20000, 24000))
+    assert any("raw 20000..24000 -> 0..255" in line for line in said)
+
+
 def test_corrupt_image_in_data_root_does_not_stop_the_run(teacher, tmp_path):
     root = tmp_path / "ir" / "setA" / "thermal"
     root.mkdir(parents=True)

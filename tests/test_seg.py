@@ -105,6 +105,62 @@ def test_seg_loss_ignores_255_and_averages_over_all_pixels():
     assert unip.seg_loss(logits, torch.full((1, 8, 8), 255)).item() == 0.0  # not NaN
 
 
+def test_weighted_seg_loss_is_the_mean_of_per_pixel_weighted_losses():
+    torch.manual_seed(0)
+    logits, w = torch.randn(2, 3, 4, 4), torch.tensor([0.5, 2.0, 1.5])
+    y = torch.randint(0, 3, (2, 8, 8))
+    y[0, :3] = 255
+    logp = F.log_softmax(F.interpolate(logits, (8, 8), mode="bilinear"), 1)  # (2, 3, 8, 8)
+    naive = 0.0
+    for b in range(2):
+        for i in range(8):
+            for j in range(8):
+                c = int(y[b, i, j])
+                naive += 0.0 if c == 255 else -w[c] * logp[b, c, i, j]  # ignored pixels add 0 but still count
+    assert torch.allclose(unip.seg_loss(logits, y, weight=w), naive / 128)   # mmseg 0.11: over all pixels
+    assert torch.allclose(unip.seg_loss(logits, y, weight=torch.ones(3)), unip.seg_loss(logits, y))
+    assert unip.seg_loss(logits, torch.full((2, 8, 8), 255), weight=w).item() == 0.0  # all ignored: 0, not NaN
+
+
+def test_enet_class_weights_on_a_hand_made_label_set(tmp_path, capsys):
+    labs = [np.zeros((4, 5), np.uint8), np.zeros((4, 5), np.uint8)]
+    labs[0][:2] = 1          # 10 pixels of class 1
+    labs[1][0, :4] = 2       # 4 of class 2
+    labs[1][3] = 255         # 5 ignored; class 3: none
+    fake_folder(tmp_path, labs)
+    ds = data.SegFolder(tmp_path / "images", tmp_path / "labels", classes=["bg", "one", "two", "none"])
+    p = np.array([21, 10, 4, 0]) / 35  # of the 35 labelled pixels
+    want = [1 / math.log(1.02 + v) for v in p]
+    assert np.allclose(train_seg.enet_weights(ds.label_counts()[:4]), want)
+    cfg = train_seg.parse_config(["--dataset", "folder", "--classes", "bg,one,two,none", "--class-weight", "auto"])
+    w = train_seg.loss_weights(cfg, ds, None, None, print)
+    assert w.dtype == torch.float32 and np.allclose(w.numpy(), want) and math.isclose(w[3].item(), 1 / math.log(1.02), rel_tol=1e-6)
+    out = capsys.readouterr().out
+    assert "counting the labels of 2 training images" in out and "  none  50.4983     0.00% of the pixels" in out
+    assert train_seg.loss_weights(train_seg.parse_config(["--dataset", "folder", "--classes", "4"]), ds, None, None,
+                                  print) is None  # default: plain cross-entropy
+    cfg = train_seg.parse_config(["--dataset", "folder", "--classes", "4", "--class-weight", "1,2,0,3.5"])
+    assert train_seg.loss_weights(cfg, ds, None, None, print).tolist() == [1, 2, 0, 3.5]
+    # the synthetic scenes are counted the same way: their rendered labels, no augmentation
+    syn = data.SyntheticThermal("train", num_images=2, size=(32, 40))
+    assert np.array_equal(syn.label_counts(), sum(np.bincount(syn.load(i)[1].ravel(), minlength=256) for i in range(2)))
+
+
+def test_class_weight_usage_errors(capsys):
+    for argv, msg in (
+            (["--class-weight", "1,2"], "2 weights given, but the dataset has 8 classes (sky, road, sidewalk, building, "
+                                        "vegetation, pole, person, car): give 8 comma-separated weights"),
+            (["--dataset", "mfnet", "--class-weight", "1,2,3"], "has 9 classes (background, car, person, bike, curve"),
+            (["--dataset", "folder", "--classes", "bg,udder", "--class-weight", "1,2,3"], "has 2 classes (bg, udder)"),
+            (["--class-weight", "one,two"], "expected auto, or one weight >= 0 per class"),
+            (["--class-weight", "1,-1,1,1,1,1,1,1"], "expected auto, or one weight >= 0 per class"),
+            (["--thermal-range", "24000,20000"], "--thermal-range '24000,20000': expected LO,HI")):
+        with pytest.raises(SystemExit) as e:
+            train_seg.parse_config(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "usage: " in err and msg in err, err
+
+
 def test_poly_schedule_with_warmup():
     base, T, W = 1e-4, 100, 10
     lr = [train_seg.poly_lr(s, base, T, W) for s in range(T + 1)]
@@ -167,6 +223,28 @@ def test_miou_on_a_hand_made_case():
     conf5 = unip.confusion_matrix(pred, label, num_classes=5)  # class 4 in neither: NaN, left out of the mean
     assert math.isnan(unip.iou_from_confusion(conf5)[4].item())
     assert math.isclose(unip.mean_iou(conf5), unip.mean_iou(conf))
+
+
+def test_class_accuracy_and_macc_on_a_hand_made_case(tmp_path, capsys):
+    label = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 1]])
+    pred = torch.tensor([[0, 1, 1, 1], [2, 0, 2, 3]])
+    conf = unip.confusion_matrix(pred, label, num_classes=4)  # [[1,1,0,0],[0,2,0,1],[1,0,1,0],[0,0,0,0]]
+    acc = unip.acc_from_confusion(conf)
+    # recall: class 0 1 of 2 truth pixels, class 1 2 of 3, class 2 1 of 2; class 3 has no truth pixel: NaN, left out
+    assert torch.allclose(acc[:3], torch.tensor([1 / 2, 2 / 3, 1 / 2], dtype=torch.float64)) and math.isnan(acc[3])
+    # train_seg.py's report: table, log row, per_image.json, (mIoU, mAcc)
+    val = type("Val", (), {"classes": ["a", "b", "c", "d"], "name": lambda self, i: f"img{i}"})()
+    per_image = [(0, conf.diag().tolist(), (conf.sum(0) + conf.sum(1) - conf.diag()).tolist(), conf.sum(1).tolist())]
+    miou, macc = train_seg.report(conf, [], per_image, val, 7, 0, str(tmp_path), True)
+    assert math.isclose(macc, 100 * (1 / 2 + 2 / 3 + 1 / 2) / 3) and math.isclose(miou, 100 * unip.mean_iou(conf))
+    table = capsys.readouterr().out
+    assert "IoU    Acc" in table and "  b            50.00  66.67" in table and "  d             0.00      -" in table
+    assert "  mIoU / mAcc  33.33  55.56\n  pixel acc    57.14" in table
+    row = rows(tmp_path)[-1]
+    assert math.isclose(row["macc"], macc) and row["class_acc"]["d"] is None and math.isclose(row["class_acc"]["b"], 200 / 3)
+    assert math.isclose(row["acc"], 100 * 4 / 7, rel_tol=1e-6)  # pixel accuracy, as before
+    img = json.loads((tmp_path / "per_image.json").read_text())["images"]["img0"]
+    assert img["gt"] == [2, 3, 2, 0] and img["acc"][3] is None and math.isclose(img["acc"][1], 200 / 3)
 
 
 def test_slide_inference_single_window_equals_whole_image():
@@ -272,11 +350,12 @@ def test_evaluation_runs_sdpa_and_gives_training_back_its_attention_path():
     labelled = sum(int((torch.as_tensor(val.load(i)[1]) != 255).sum()) for i in range(2))
     assert conf.shape == (val.num_classes,) * 2 and int(conf.sum()) == labelled
     assert [i for i, _ in samples] == [0] and samples[0][1].shape == val.load(0)[1].shape
-    # per image: intersections and unions that add up to the summed confusion's
-    assert [i for i, _, _ in per_image] == [0, 1]
+    # per image: intersections, unions and ground-truth pixels that add up to the summed confusion's
+    assert [r[0] for r in per_image] == [0, 1]
     inter, union = torch.tensor([r[1] for r in per_image]).sum(0), torch.tensor([r[2] for r in per_image])
     assert torch.equal(inter, conf.diag())
     assert torch.equal(union.sum(0), conf.sum(0) + conf.sum(1) - conf.diag())  # pixel counts add up over images
+    assert torch.equal(torch.tensor([r[3] for r in per_image]).sum(0), conf.sum(1))
 
 
 @pytest.fixture(scope="module")
@@ -365,6 +444,57 @@ def srun(cmd, ntasks, **extra):
         for p in procs:
             if p.poll() is None:
                 p.kill()
+
+
+def test_resume_keeps_the_counted_class_weights(tmp_path):
+    args = ["--iters", 3, "--train-images", 4, *SMALL]
+    p = run("--out", tmp_path, "--steps", 1, "--class-weight", "auto", *args)
+    assert "class weights of the loss (auto: ENet's 1 / ln(1.02 + p)" in p.stdout and "counting the labels of 4" in p.stdout
+    ck = unip.load_checkpoint(tmp_path / "ckpt.pt")
+    assert ck["config"]["class_weight"] == "auto" and ck["class_weight"].shape == (8,) and ck["class_weight"].min() > 1
+    # weights only the checkpoint holds: a resumed run that counted again could not find them
+    ck["class_weight"] = torch.arange(1.0, 9.0)
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        unip.save_checkpoint(ck, tmp_path / d / "ckpt.pt")
+    p = run("--out", tmp_path / "a", "--resume", "auto", "--steps", 2, "--class-weight", "auto", *args)
+    assert "auto, from the resumed checkpoint (not counted again)" in p.stdout and "counting" not in p.stdout
+    assert torch.equal(unip.load_checkpoint(tmp_path / "a" / "ckpt.pt")["class_weight"], torch.arange(1.0, 9.0))
+    # the loss used them: the same step with the same weights given by hand has the same loss
+    p = run("--out", tmp_path / "b", "--resume", "auto", "--steps", 2, "--class-weight", "1,2,3,4,5,6,7,8", *args)
+    assert "note: " in p.stdout and "was trained with --class-weight auto, this run goes on with 1,2,3,4,5,6,7,8" in p.stdout
+    loss = lambda d: [r["loss"] for r in rows(tmp_path / d) if "loss" in r]
+    assert len(loss("a")) == 1 and loss("a") == loss("b")
+
+
+def test_mfnet_day_split_16bit_frames_with_a_fixed_range_and_auto_weights(tmp_path):
+    root, out, rng = tmp_path / "mfnet", tmp_path / "run", np.random.default_rng(0)
+    for d in ("thermal_imgs", "labels"):
+        (root / d).mkdir(parents=True)
+    frames = {}
+    for k, stem in enumerate(["00001D", "00002N", "00003D", "00004N", "00005D"]):
+        lab = blobs([1, 2], k=k)
+        frames[stem] = (20000 + 800 * lab.astype(np.float32) + rng.normal(0, 100, lab.shape)).astype(np.uint16)
+        Image.fromarray(frames[stem]).save(root / "thermal_imgs" / f"{stem}.png")  # 16-bit radiometric
+        Image.fromarray(lab).save(root / "labels" / f"{stem}.png")
+    (root / "train.txt").write_text("00001D\n00002N\n00004N\n00005D\n")
+    (root / "test_day.txt").write_text("00003D\n")
+    args = ["--out", out, *SMALL, "--dataset", "mfnet", "--data-root", root, "--thermal-range", "19000,23000"]
+    p = run(*args, "--steps", 1, "--val-split", "test_day", "--class-weight", "auto")
+    assert "16-bit / float frames: raw 19000..23000 -> 0..255, clipped, the same for every frame" in p.stdout
+    assert "class weights of the loss (auto" in p.stdout and "counting" not in p.stdout  # the label check's count
+    ck = unip.load_checkpoint(out / "ckpt.pt")
+    assert ck["config"]["thermal_range"] == "19000,23000" and ck["class_weight"].shape == (9,)
+    ev = [r for r in rows(out) if "miou" in r][-1]
+    assert set(ev["class_acc"]) == set(data.MFNET_CLASSES) and 0 <= ev["macc"] <= 100
+    assert ev["class_acc"]["bump"] is None  # no ground-truth pixel: left out of mAcc
+    assert list(json.loads((out / "per_image.json").read_text())["images"]) == ["00003D"]
+    # evaluation decoded the test_day frame with the fixed range: the grey panel of its picture
+    panel = np.array(Image.open(out / "pred_00003D.png"))[:, :64, 0]
+    assert np.array_equal(panel, data.range_to_uint8(frames["00003D"], 19000, 23000))
+    p = run(*args, "--val-split", "test_night", ok=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert f"split 'test_night' needs the list file {root / 'test_night.txt'}" in p.stderr
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
