@@ -538,7 +538,8 @@ def main(argv=None):
     # ------------------------------------------------------------------ optimiser and schedule
     # linear probes: the same groups without decay (only the head is trainable); 1-D weights never decayed
     groups = unip.param_groups(seg, cfg.weight_decay, cfg.layer_decay if finetune else 1.0)
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=device.type == "cuda")
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999),
+                            fused=device.type in ("cuda", "cpu"))  # one kernel instead of a loop per tensor
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
     # ------------------------------------------------------------------ compile, DDP
