@@ -65,6 +65,7 @@ class Config:
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
     drop_path: float = 0.1  # student stochastic depth, the same in every block
+    grad_checkpoint: bool = False  # recompute the student's blocks in the backward instead of keeping their activations
     steps: int = 0  # stop once this many optimiser steps are done in total (0 = the whole schedule)
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda if available, one GPU per process)
     amp: str = "auto"  # auto | bf16 | fp16 | none; auto: bf16 on GPUs of compute capability 8.0+ (older: fp16) and on CPUs with AMX or AVX512-BF16, else none (env UNIP_AMP overrides auto)
@@ -271,6 +272,7 @@ def main(argv=None):
     student = unip.PRESETS[cfg.model](img_size=cfg.img_size, drop_path=cfg.drop_path, last_heads=teacher_heads)
     unip.set_fused_attention(student, unip.sdpa_for_training(device, amp))  # CPU + bf16: the explicit product
     unip.freeze_unreached(student)  # only q and k of the last block reach the loss
+    student.grad_checkpoint = cfg.grad_checkpoint  # blocks 1..depth-1; the last gives only its logits
     student.to(device)
     config = {**asdict(cfg), "teacher_layer": layer, "last_heads": teacher_heads, "teacher_size": teacher_size}
 
@@ -299,7 +301,8 @@ def main(argv=None):
     # ---------------------------------------------------------------- banner
     say(json.dumps(config, indent=1))
     say(f"world {rt.world} | device {device} | amp {amp} ({amp_why}) | torch {torch.__version__} | "
-        f"batch {cfg.batch_size} x accum {accum} x world {rt.world} = {eff_batch} | lr {lr:.3g} | "
+        f"batch {cfg.batch_size} x accum {accum} x world {rt.world} = {eff_batch} | "
+        + ("grad checkpoint | " if cfg.grad_checkpoint else "") + f"lr {lr:.3g} | "
         f"{steps_per_epoch} steps/epoch, {total_steps} in all, stopping at {last_step}")
     if rt.master:
         with open(os.path.join(cfg.out, "config.json"), "w") as f:

@@ -10,6 +10,7 @@ the backbone's last-block features -> LL-FPN (strides 4/8/16/32) -> UperNet, wit
     python train_seg.py --dataset folder --data-root buffalo_udder_thermal_seg --classes background,udder \\
         --label-map 255:1                                 # binary 0/255 masks: 255 is the ignore value otherwise
     python train_seg.py --resume runs/seg/best.pt --eval-only
+    python train_seg.py --model vit_large --accum-steps 4 --grad-checkpoint ...   # ViT-L: batch 2 x 4 = 8 on one GPU
     python predict.py --checkpoint runs/seg/best.pt --images DIR --out DIR   # segment new, unlabelled images
 
 Recipe (the reference's mmseg configs): AdamW lr 1e-4, betas (0.9, 0.999), wd 0.05 (none on 1-D weights,
@@ -31,6 +32,9 @@ to the next multiple, in training (label 255 on the pad) and in the sliding wind
 count (the reference does so); --keep-distilled-heads keeps the checkpoint's. As in every reference config,
 each block gets trainable layer-scale factors initialised to 1.0 (--layer-scale 0: none). The reference's
 relative position bias is not built (see docs/design.md, the differences from the authors' code).
+Low memory: --accum-steps N sums the gradients of N micro-batches per optimiser step (the schedule counts
+optimiser steps; BatchNorm in the heads sees one micro-batch); --grad-checkpoint recomputes each backbone block
+in the backward instead of keeping its activations (docs/speed.md: the memory it saves).
 Multi-GPU: BatchNorm becomes SyncBatchNorm under torchrun or srun on CUDA (PyTorch has no CPU SyncBatchNorm:
 with gloo on CPUs each process keeps its own statistics). Evaluation splits the images over the processes and sums
 the confusion matrices.
@@ -44,6 +48,7 @@ import math
 import os
 import re
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -99,7 +104,9 @@ class Config:
     iters: int = 0                      # schedule length in iterations (0: dataset preset, folder: 100 epochs)
     warmup: int = -1                    # warm-up iterations (-1: dataset preset, else iters/10)
     steps: int = 0                      # stop at this step; the schedule still spans --iters (0: run to --iters)
-    batch_size: int = 0                 # images per process per step (0: 8 / world size: total batch 8; vit_large: 2)
+    batch_size: int = 0                 # images per process per micro-step (0: 8 / (world size x accum steps): total batch 8; vit_large: 2)
+    accum_steps: int = 1                # micro-steps per optimiser step (gradients summed): batch = batch-size x processes x this
+    grad_checkpoint: bool = False       # recompute each backbone block in the backward instead of keeping its activations
     lr: float = 1e-4                    # base learning rate (AdamW)
     weight_decay: float = 0.05          # AdamW weight decay
     layer_decay: float = 0.85           # layer-wise lr decay (finetune only; vit_large: 0.65)
@@ -383,20 +390,31 @@ def loss_weights(cfg, train_set, counts, saved, say):
 # ----------------------------------------------------------------------------- training and evaluation
 
 
-def train_step(model, opt, scaler, x, y, lr, aux_weight, autocast, weight=None):
-    """One AdamW step at `lr` (times each group's layer-decay scale) on a batch; returns the loss (detached).
+def train_step(model, opt, scaler, batches, lr, aux_weight, autocast, accum, ddp, patch, device, weight=None):
+    """One AdamW step at `lr` (times each group's layer-decay scale) on `accum` micro-batches drawn from
+    `batches`, their gradients summed; returns the mean of their losses (detached, no host sync).
     weight: (K,) class weights of both losses (--class-weight), or None."""
     for g in opt.param_groups:
         g["lr"] = lr * g["lr_scale"]
-    with autocast():
-        out, aux = model(x)  # (B, K, crop/4, crop/4) [linear: /16], aux (B, K, crop/16, crop/16) or None
-    loss = unip.seg_loss(out, y, weight=weight) + (aux_weight * unip.seg_loss(aux, y, weight=weight)
-                                                   if aux is not None else 0.0)
     opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    total = 0.0
+    for micro in range(accum):
+        x, y = next(batches)  # (B, 3, crop, crop) normalised, (B, crop, crop) int64 with 255 = ignore
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        # a crop that is not a multiple of the patch (DINOv2: 14): padded, else its last pixels never
+        # reach the model; the pad's labels are ignored. A no-op at multiples.
+        x, y = unip.center_pad(x, patch)[0], unip.center_pad(y, patch, value=255)[0]
+        # DDP reads no_sync during the forward: the whole micro-step sits inside it; the last one all-reduces
+        with model.no_sync() if (ddp and micro < accum - 1) else nullcontext():
+            with autocast():
+                out, aux = model(x)  # (B, K, crop/4, crop/4) [linear: /16], aux (B, K, crop/16, crop/16) or None
+            loss = unip.seg_loss(out, y, weight=weight) + (aux_weight * unip.seg_loss(aux, y, weight=weight)
+                                                           if aux is not None else 0.0)
+            scaler.scale(loss / accum).backward()  # summed over micro-steps: the gradient of their mean loss
+        total = total + loss.detach()
     scaler.step(opt)
     scaler.update()
-    return loss.detach()
+    return total / accum
 
 
 def evaluate(seg, val_set, n_eval, crop, stride, autocast, rt, workers=0, num_samples=4, seed=0):
@@ -497,7 +515,11 @@ def main(argv=None):
     rt.print(json.dumps(asdict(cfg), indent=1))
     torch.manual_seed(cfg.seed + rt.rank)  # drop_path and Dropout2d draw from here; saved in checkpoints
     amp, amp_why, autocast = plumbing.precision(cfg.amp, device)  # on CUDA also TF32 for fp32 matmuls
-    bs = cfg.batch_size or max(1, 8 // world)
+    if cfg.accum_steps < 1:
+        raise SystemExit(f"--accum-steps {cfg.accum_steps}: give 1 or more micro-steps per optimiser step")
+    accum = cfg.accum_steps
+    bs = cfg.batch_size or max(1, 8 // (world * accum))
+    eff_batch = bs * world * accum  # images per optimiser step; the schedule counts optimiser steps
     if device.type == "cuda":  # fixed crop and window sizes: let cuDNN pick its kernels once
         torch.backends.cudnn.benchmark = True
 
@@ -513,9 +535,10 @@ def main(argv=None):
             rt.print(warning)
     iters, warmup, stop, eval_every = schedule(cfg, len(train_set))
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rt.rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    steps_per_epoch = len(sampler) // bs
+    steps_per_epoch = len(sampler) // (bs * accum)
     if steps_per_epoch == 0:
-        raise SystemExit(f"{len(train_set)} training images cannot fill one batch of {bs} per process")
+        raise SystemExit(f"{len(train_set)} training images cannot fill one step of {bs} x {accum} accumulation "
+                         f"steps x {world} processes = {eff_batch} images")
     n_eval = min(cfg.eval_images or len(val_set), len(val_set))
 
     # ------------------------------------------------------------------ model
@@ -525,6 +548,7 @@ def main(argv=None):
     layers = {"finetune": multi if cfg.pyramid == "multi" else None, "linear": multi,
               "layer-linear": (cfg.layer or depth,)}[cfg.mode]
     seg = unip.Segmenter(backbone, K, cfg.mode, layers, aux=finetune and cfg.aux_weight > 0)
+    backbone.grad_checkpoint = cfg.grad_checkpoint  # less activation memory, one more forward of each block
     backbone.pos_embed.requires_grad_(finetune)  # fine-tuning learns pos_embed, like the reference
     # a backbone that trains takes the attention path that trains fastest here; a frozen one (linear probes) SDPA
     unip.set_fused_attention(backbone, unip.sdpa_for_training(device, amp) if finetune else True)
@@ -564,7 +588,8 @@ def main(argv=None):
     os.makedirs(cfg.out, exist_ok=True)
     n_train = sum(p.numel() for p in seg.parameters() if p.requires_grad)
     rt.print(f"world {world} | device {device} | amp {amp} ({amp_why}) | torch {torch.__version__} | batch {bs} x "
-             f"{world} = {bs * world} | lr {cfg.lr:g} | iters {iters} (warm-up {warmup}) | crop {crop} | {cfg.model} "
+             f"accum {accum} x world {world} = {eff_batch}" + (" | grad checkpoint" if cfg.grad_checkpoint else "")
+             + f" | lr {cfg.lr:g} | iters {iters} (warm-up {warmup}) | crop {crop} | {cfg.model} "
              f"({depth} blocks, last block {backbone.blocks[-1].attn.heads} heads) | {cfg.mode} on blocks {seg.layers} | "
              f"{n_train / 1e6:.2f}M trainable | {len(train_set)} train / {n_eval} val images, {K} classes | "
              + (f"evaluation every {eval_every} steps and at the end" if eval_every else "evaluation at the end"))
@@ -601,15 +626,12 @@ def main(argv=None):
     seg.train()
     while step < stop:
         epoch = step // steps_per_epoch
-        loader = plumbing.epoch_loader(train_set, sampler, epoch, (step - epoch * steps_per_epoch) * bs, bs,
-                                       cfg.workers, cfg.seed, device)
-        for x, y in loader:  # (B, 3, crop, crop) normalised, (B, crop, crop) int64 with 255 = ignore
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            # a crop that is not a multiple of the patch (DINOv2: 14): padded, else its last pixels never
-            # reach the model; the pad's labels are ignored. A no-op at multiples.
-            x, y = unip.center_pad(x, patch)[0], unip.center_pad(y, patch, value=255)[0]
+        skip = (step - epoch * steps_per_epoch) * bs * accum  # resuming mid-epoch: skip what was seen
+        batches = iter(plumbing.epoch_loader(train_set, sampler, epoch, skip, bs, cfg.workers, cfg.seed, device))
+        while step < stop and step // steps_per_epoch == epoch:
             lr = poly_lr(step, cfg.lr, iters, warmup)
-            loss = train_step(model, opt, scaler, x, y, lr, cfg.aux_weight, autocast, weight)
+            loss = train_step(model, opt, scaler, batches, lr, cfg.aux_weight, autocast, accum, rt.ddp, patch, device,
+                              weight)
             loss_sum, loss_n = loss_sum + loss, loss_n + 1
             step += 1
             pbar.update(1)
@@ -619,7 +641,7 @@ def main(argv=None):
                 loss_sum, loss_n = torch.zeros((), device=device), 0
                 plumbing.check_finite(value, step, last_ckpt)
                 row = plumbing.progress_row(step, step / steps_per_epoch, value, lr, step - t_step, time.time() - t0,
-                                            bs * world, device)
+                                            eff_batch, device)
                 plumbing.log_row(cfg.out, row, rt.master)
                 pbar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", img_s=f"{row['img_per_s']:.1f}")
                 t0, t_step = time.time(), step
@@ -636,8 +658,7 @@ def main(argv=None):
             if saving:
                 save(os.path.join(cfg.out, "ckpt.pt"))
                 last_ckpt = os.path.join(cfg.out, "ckpt.pt")
-            if step >= stop:
-                break
+        del batches  # loader workers end with their iterator
     pbar.close()
 
     # ------------------------------------------------------------------ end (the last step was evaluated and saved)

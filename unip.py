@@ -16,6 +16,7 @@ import re
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 # -----------------------------------------------------------------------------
@@ -158,6 +159,7 @@ class ViT(nn.Module):
         logits line up (parameter shapes do not change).
     drop_path_schedule: 'uniform' (pre-training) or 'linear' from 0 to `drop_path` (fine-tuning).
     layer_scale: > 0 adds residual scales with this init (the reference fine-tunes with 1.0).
+    grad_checkpoint (attribute, off): recompute each block in the backward instead of keeping its activations.
     The options after it serve DINOv2 and CLIP teachers (section 8, below the fence).
     """
 
@@ -191,6 +193,7 @@ class ViT(nn.Module):
                   layer_scale, norm_eps, act)
             for i in range(depth))
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.grad_checkpoint = False
         self.init_weights()
 
     def init_weights(self):
@@ -235,10 +238,17 @@ class ViT(nn.Module):
         return x if not R else torch.cat([x.narrow(dim, 0, 1),
                                           x.narrow(dim, 1 + R, x.shape[dim] - 1 - R)], dim)
 
+    def run_block(self, blk, x):  # (B, N, D) -> (B, N, D)
+        # activation checkpointing: keep only the block's input, recompute the rest in the backward; the RNG
+        # state is stashed and replayed, so drop path drops the same samples both times
+        if self.grad_checkpoint and torch.is_grad_enabled():
+            return checkpoint(blk, x, use_reentrant=False)
+        return blk(x)
+
     def forward(self, x):  # (B, C, H, W) -> (B, N, D), after the final norm
         x = self.prepare_tokens(x)
         for blk in self.blocks:
-            x = blk(x)
+            x = self.run_block(blk, x)
         return self.norm(x)
 
     def _check_layers(self, layers):
@@ -253,7 +263,7 @@ class ViT(nn.Module):
         self._check_layers([layer])
         x = self.prepare_tokens(x)
         for blk in self.blocks[: layer - 1]:
-            x = blk(x)
+            x = self.run_block(blk, x)
         blk = self.blocks[layer - 1]
         return blk.attn.logits(self._drop_registers(blk.norm1(x)))
 
@@ -285,7 +295,7 @@ class ViT(nn.Module):
         x = self.prepare_tokens(x)
         out = {}
         for i, blk in enumerate(self.blocks[: max(layers)], start=1):
-            x = blk(x)
+            x = self.run_block(blk, x)
             if i in layers:
                 out[i] = x[:, 1 + self.num_registers:].transpose(1, 2).reshape(x.shape[0], -1, h, w)
         return [out[i] for i in layers]

@@ -363,6 +363,21 @@ def test_ratios_are_taken_round_by_round():
     assert bench.round_ratio(fast, fast) == 1.0
 
 
+def test_memory_section_measures_both_paths_each_in_a_fresh_process(capsys):
+    rows = bench.main(["--device", "cpu", "--only", "memory", "--seg-img", "32", "--seg-batch", "2", "--mem-models",
+                       "vit_tiny", "--amp", "none", "--threads", "1"])
+    assert [(r["section"], r["case"], r["path"], r["amp"]) for r in rows] == [
+        ("memory", "vit_tiny UperNet 32px fwd+bwd", p, "none") for p in ("plain", "grad checkpoint")]
+    plain, ckpt = rows
+    seg = unip.Segmenter(unip.vit_tiny(img_size=32, layer_scale=1.0), 21)  # what train_seg.py fine-tunes
+    assert plain["weights_gb"] == ckpt["weights_gb"] == sum(p.numel() * 4 for p in seg.parameters()) / 2**30
+    assert plain["ms_per_step"] > 0 and ckpt["ms_per_step"] > 0
+    if plain["mem_gb"] is not None:  # Linux: peak RSS above the built model (at this size mostly the gradients)
+        assert plain["mem_gb"] > 0 and ckpt["mem_gb"] > 0 and plain["mem_saving_pct"] == 0
+        assert math.isclose(ckpt["mem_saving_pct"], 100 * (1 - ckpt["mem_gb"] / plain["mem_gb"]))
+    assert "| weights GB | saving % |" in capsys.readouterr().out
+
+
 def test_pairs_choose_the_cases():
     rows = bench.main(["--device", "cpu", "--quick", "--threads", "1", "--only", "pretrain", "--img", "32", "--reps", "1",
                        "--amp", "none", "--pairs", "vit_tiny=vit_small@6"])

@@ -76,6 +76,17 @@ def test_resume_mid_epoch_gives_identical_weights(teacher, tmp_path):
         assert torch.equal(wa[k], wb[k]), k
 
 
+def test_grad_checkpoint_reaches_the_same_weights(teacher, tmp_path, capsys):
+    # drop path 0.1 in every student block: the recomputed blocks 1..11 must replay the same draws
+    args = TINY + ["--teacher", teacher, "--steps", "2", "--amp", "none"]
+    run(args + ["--grad-checkpoint"], tmp_path / "a")
+    assert "= 8 | grad checkpoint | lr" in capsys.readouterr().out
+    run(args, tmp_path / "b")
+    wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6, msg=k)
+
+
 def test_resume_reads_the_random_state_layout_of_older_checkpoints(teacher, tmp_path):
     # checkpoints written before plumbing.py (then common.py) kept {"torch": [per process], "cuda": [per process or none]}
     args = TINY + ["--teacher", teacher]  # drop path 0.1: the restored stream decides the result

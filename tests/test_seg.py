@@ -294,6 +294,34 @@ def test_linear_probe_leaves_the_backbone_unchanged(mode):
     assert not torch.equal(head0, seg.head.weight)
 
 
+def test_grad_checkpoint_fine_tuning_step_gives_the_same_loss_gradients_and_statistics():
+    # drop path 0.3 (backbone) and Dropout2d (heads) draw from the global RNG; BatchNorm sits outside the
+    # checkpointed blocks, so its running statistics are updated once per forward either way
+    torch.manual_seed(0)
+    seg = unip.Segmenter(unip.vit_tiny(img_size=64, drop_path=0.3, drop_path_schedule="linear", layer_scale=1.0), 5)
+    x, y = torch.randn(2, 3, 64, 64), torch.randint(0, 5, (2, 64, 64))
+    seg.train()
+    state0 = {k: v.clone() for k, v in seg.state_dict().items()}
+    runs = []
+    for ckpt in (False, True):
+        seg.load_state_dict(state0)
+        seg.zero_grad(set_to_none=True)
+        seg.backbone.grad_checkpoint = ckpt
+        torch.manual_seed(1)
+        out, aux = seg(x)
+        loss = unip.seg_loss(out, y) + 0.4 * unip.seg_loss(aux, y)
+        loss.backward()
+        runs.append((loss.detach(), {n: p.grad.clone() for n, p in seg.named_parameters() if p.grad is not None},
+                     {k: v.clone() for k, v in seg.state_dict().items() if "running" in k}))
+    (l0, g0, bn0), (l1, g1, bn1) = runs
+    torch.testing.assert_close(l1, l0, rtol=0, atol=0)
+    assert set(g0) == set(g1) and "backbone.blocks.0.attn.qkv.weight" in g0
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7, msg=n)
+    for k in bn0:
+        assert torch.equal(bn0[k], bn1[k]), k
+
+
 # ----------------------------------------------------------------------------- train_seg.py runs
 
 
@@ -569,6 +597,99 @@ def test_setup_distributed_under_srun_takes_nccl_and_the_local_gpu(monkeypatch):
         assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("node01", "29500")
     monkeypatch.setattr(os, "environ", {**task, "SLURM_NTASKS": "1"})
     assert plumbing.setup_distributed("cpu") == plumbing.Runtime(False, 0, 0, 1, torch.device("cpu"), True)
+
+
+# ----------------------------------------------------------------------------- accumulation and checkpointing
+
+
+def test_train_step_sums_micro_batch_gradients_into_the_mean_loss_gradient():
+    # a linear probe has no BatchNorm or dropout: 2 micro-batches of 2 are one batch of 4, loss and gradient
+    seg = tiny_seg("linear").train()
+    x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 5, (4, 64, 64))
+    opt = torch.optim.SGD(unip.param_groups(seg, 0.0, 1.0), lr=0.0)  # lr 0: the weights stay, the gradients show
+    runs = []
+    for bs, accum in ((4, 1), (2, 2)):
+        batches = iter([(x[i:i + bs], y[i:i + bs]) for i in range(0, 4, bs)])
+        loss = train_seg.train_step(seg, opt, torch.amp.GradScaler("cpu", enabled=False), batches, 0.0, 0.4,
+                                    lambda: torch.autocast("cpu", enabled=False), accum, False, 16, torch.device("cpu"))
+        assert next(batches, None) is None  # every micro-batch was used
+        runs.append((loss, seg.head.weight.grad.clone(), seg.head.bias.grad.clone()))
+    (l4, gw4, gb4), (l2, gw2, gb2) = runs
+    torch.testing.assert_close(l2, l4, rtol=1e-6, atol=0)
+    torch.testing.assert_close(gw2, gw4, rtol=1e-5, atol=1e-9)  # each micro-loss / 2: not twice the gradient
+    torch.testing.assert_close(gb2, gb4, rtol=1e-5, atol=1e-9)
+
+
+# linear probe, fp32: no BatchNorm statistics or dropout differ between micro-batches and one batch
+PROBE = ["--crop", "64", "--eval-images", "1", "--workers", "0", "--log-every", "1", "--mode", "linear",
+         "--amp", "none", "--iters", "3", "--lr", "1e-3", "--train-images", "12"]
+
+
+@pytest.fixture(scope="module")
+def probe_batch_4(tmp_path_factory):
+    """The head after 3 linear-probe steps of one batch of 4 in one process, and the losses logged."""
+    out = tmp_path_factory.mktemp("probe4")
+    run("--out", out, *PROBE, "--batch-size", 4)
+    return unip.load_checkpoint(out / "ckpt.pt"), [r["loss"] for r in rows(out) if "loss" in r]
+
+
+def assert_same_probe(out, ref):
+    ck, ref_losses = unip.load_checkpoint(out / "ckpt.pt"), ref[1]
+    assert ck["step"] == ref[0]["step"] == 3
+    assert ck["model"]["head.bias"].abs().max() > 1e-3  # not vacuous: from 0, three Adam steps (lr 1e-3 falling)
+    for k in ("head.weight", "head.bias"):  # fp32 sums in another order: ~1e-9 apart
+        torch.testing.assert_close(ck["model"][k], ref[0]["model"][k], rtol=0, atol=1e-7, msg=k)
+    np.testing.assert_allclose([r["loss"] for r in rows(out) if "loss" in r], ref_losses, rtol=1e-6)
+    return ck
+
+
+def test_accumulation_matches_one_big_batch(tmp_path, probe_batch_4):
+    p = run("--out", tmp_path, *PROBE, "--batch-size", 2, "--accum-steps", 2)
+    assert "batch 2 x accum 2 x world 1 = 4" in p.stdout
+    ck = assert_same_probe(tmp_path, probe_batch_4)
+    assert ck["config"]["accum_steps"] == 2 and ck["epoch"] == 1  # 12 images, 4 per step: 3 steps an epoch
+    assert [r["epoch"] for r in rows(tmp_path) if "loss" in r] == [0.3333, 0.6667, 1.0]
+    p = run("--out", tmp_path / "bad", *PROBE, "--accum-steps", 0, ok=False)
+    assert p.returncode != 0 and "--accum-steps 0" in p.stderr and "Traceback" not in p.stderr
+    p = run("--out", tmp_path / "few", *PROBE, "--batch-size", 4, "--accum-steps", 4, ok=False)
+    assert "12 training images cannot fill one step of 4 x 4" in p.stderr
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
+def test_torchrun_two_processes_with_accumulation_match_one_big_batch(tmp_path, probe_batch_4):
+    # 2 processes x 1 image x 2 micro-steps (no_sync on the first) = the same 4 images per step
+    torchrun = [shutil.which("torchrun"), "--standalone", "--nproc_per_node=2", str(ROOT / "train_seg.py")]
+    p = run("--out", tmp_path, *PROBE, "--batch-size", 1, "--accum-steps", 2, "--device", "cpu", cmd=torchrun)
+    assert "batch 1 x accum 2 x world 2 = 4" in p.stdout
+    assert_same_probe(tmp_path, probe_batch_4)
+
+
+def test_resume_mid_epoch_with_accumulation_continues_exactly(tmp_path):
+    # 12 images, 2 x 2 per step: 3 steps an epoch; stopped after step 2 (mid-epoch), resumed across the epoch's end.
+    # Drop path and Dropout2d draw from the restored RNG; the data resumes 2 x 2 x 2 = 8 images into the epoch.
+    a, b = tmp_path / "a", tmp_path / "b"
+    args = ["--iters", 5, *SMALL, "--accum-steps", 2, "--train-images", 12]
+    run("--out", a, "--steps", 2, *args)
+    assert unip.load_checkpoint(a / "ckpt.pt")["step"] == 2
+    run("--out", a, "--resume", "auto", *args)
+    run("--out", b, *args)
+    wa, wb = unip.load_checkpoint(a / "ckpt.pt"), unip.load_checkpoint(b / "ckpt.pt")
+    assert wa["step"] == wb["step"] == 5
+    for k in wb["model"]:
+        assert torch.equal(wa["model"][k], wb["model"][k]), k
+    assert [r["loss"] for r in rows(a) if "loss" in r] == [r["loss"] for r in rows(b) if "loss" in r]
+
+
+def test_grad_checkpoint_run_reaches_the_same_weights(tmp_path):
+    # fine-tuning with drop path 0.1 and Dropout2d, fp32: the recomputed blocks replay the same random draws
+    args = ["--steps", 2, "--iters", 4, "--amp", "none", *SMALL]
+    p = run("--out", tmp_path / "ckpt", "--grad-checkpoint", *args)
+    assert "| grad checkpoint |" in p.stdout
+    run("--out", tmp_path / "plain", *args)
+    wa, wb = (unip.load_checkpoint(tmp_path / d / "ckpt.pt") for d in ("ckpt", "plain"))
+    assert wa["config"]["grad_checkpoint"] and not wb["config"]["grad_checkpoint"]
+    for k in wb["model"]:
+        torch.testing.assert_close(wa["model"][k], wb["model"][k], rtol=0, atol=1e-6, msg=k)
 
 
 def test_clear_errors(tmp_path):

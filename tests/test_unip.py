@@ -198,6 +198,50 @@ def test_every_parameter_gets_a_gradient_in_full_forward():
     assert missing == []
 
 
+def checkpoint_run(model, fn, ckpt):
+    """Loss, gradients, bytes autograd kept outside checkpointed blocks, block calls and the RNG state after one
+    backward of fn() with model.grad_checkpoint = ckpt; the same seed each time, so drop path draws alike."""
+    model.grad_checkpoint = ckpt
+    model.zero_grad(set_to_none=True)
+    saved, calls = [], []
+    hooks = [blk.mlp.register_forward_hook(lambda *a: calls.append(1)) for blk in model.blocks]
+    torch.manual_seed(1)
+    keep = lambda t: saved.append(t.numel() * t.element_size()) or t  # what autograd stores for the backward
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        loss = fn()
+    loss.backward()  # a checkpointed block runs again here
+    for h in hooks:
+        h.remove()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, sum(saved), len(calls), torch.get_rng_state()
+
+
+@pytest.mark.parametrize("path", ["forward", "attention_logits"])
+def test_grad_checkpoint_gives_the_same_loss_and_gradients_with_drop_path(path):
+    # drop path 0.5 in every block: if the recomputation drew new masks, the gradients would differ
+    vit = tiny_vit(drop_path=0.5, last_heads=4).train()
+    x, w, target = torch.randn(4, 3, 64, 64), torch.randn(4, 17, 48), torch.randn(4, 4, 17, 17)
+    fn = {"forward": lambda: (vit(x) * w).sum(),  # every block
+          "attention_logits": lambda: unip.distill_loss(vit.attention_logits(x, 4), target)}[path]  # 1-3, q/k of 4
+    loss0, g0, saved0, calls0, rng0 = checkpoint_run(vit, fn, False)
+    loss1, g1, saved1, calls1, rng1 = checkpoint_run(vit, fn, True)
+    run_blocks = 4 if path == "forward" else 3  # the last block's logits are computed outside the checkpoints
+    assert (calls0, calls1) == (run_blocks, 2 * run_blocks)  # each checkpointed block runs again in the backward
+    assert saved1 < saved0 / 2  # of a checkpointed block only its input is kept
+    assert torch.equal(rng0, rng1)  # the random stream continues as without checkpointing
+    torch.testing.assert_close(loss1, loss0, rtol=0, atol=0)
+    assert set(g1) == set(g0) and "blocks.0.mlp.fc1.weight" in g0
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-6, atol=1e-6, msg=n)  # masks drawn anew would differ far more
+    vit.grad_checkpoint = True
+    with torch.no_grad():  # no gradients: no checkpoint, each block runs once
+        calls = []
+        hook = vit.blocks[0].mlp.register_forward_hook(lambda *a: calls.append(1))
+        vit(x)
+        hook.remove()
+    assert calls == [1]
+
+
 # ----------------------------------------------------------------------------- NMI
 
 

@@ -8,12 +8,15 @@ Speed, memory and model-FLOP utilisation (MFU) of the steps this project runs (U
   slide     sliding-window inference of one 512x683 image (unip.slide_inference, window 512, stride 341)
   nmi       unip.layer_nmi over every layer of ViT-B / ViT-L at 224
   data      the data loader alone: SyntheticThermal (and an InfMix folder with --infrared) + PretrainTransform
+  memory    peak memory of one fine-tuning forward + backward at 512 (--mem-models: ViT-B, ViT-L as train_seg.py
+            builds them), with and without --grad-checkpoint; each case in a fresh process (not in the default --only)
 
     python tools/bench.py                                  # every section, CUDA if there is one
     python tools/bench.py --device cpu                     # the CPU table of docs/speed.md (bf16 where the CPU has it + fp32)
     python tools/bench.py --quick --device cpu             # small sizes, under a minute on 2 CPU cores
     python tools/bench.py --only pretrain --compile --json out.json
     python tools/bench.py --only pretrain --pairs vit_small=vit_large@18 --amp bf16   # one case
+    python tools/bench.py --only memory --device cpu --amp none --seg-batch 2  # docs/speed.md: activation checkpointing
 
 Conventions.
   Time: every path (fast, naive) of a case in every precision (--amp; default: what training would pick,
@@ -33,6 +36,8 @@ Conventions.
   Memory: peak minus the level before the case was built, so weights + optimiser state + activations.
     CUDA: max_memory_allocated. CPU: peak RSS (VmHWM) after resetting it through /proc/self/clear_refs,
     so every case is measured on its own in one process. Loader workers are other processes: not counted.
+    The memory section runs each case in a fresh process and marks the level after the model is built: its peak
+    is activations + gradients of one forward + backward (no optimiser state), the weights given apart.
 """
 
 import contextlib
@@ -41,6 +46,7 @@ import ctypes
 import functools
 import gc
 import json
+import multiprocessing
 import os
 import re
 import statistics
@@ -66,7 +72,8 @@ class Config:
     compile: bool = False  # torch.compile the fast path (pre-training wrappers, segmenter); naive stays eager
     compile_backend: str = "inductor"  # torch.compile backend; eager / aot_eager only trace, without code generation (a quick CPU check)
     quick: bool = False  # small sizes for a CPU smoke run: images 64, batch 2, students T and S, 2 reps
-    only: str = "pretrain,seg,slide,nmi,data"  # sections to run, comma-separated
+    only: str = "pretrain,seg,slide,nmi,data"  # sections to run, comma-separated (also: memory)
+    mem_models: str = "vit_base,vit_large"  # memory section: backbones (LL-FPN; vit_large: its multi-layer pyramid)
     batch: int = 0  # pre-training and NMI images per step (0: 256 on CUDA, 8 on CPU, 2 with --quick)
     seg_batch: int = 0  # fine-tuning images per step (0: 8, the recipe's total batch, on CUDA; else 2)
     img: int = 0  # pre-training / NMI image size (0: 224; 64 with --quick)
@@ -91,7 +98,7 @@ def parse_config(argv=None):
     return plumbing.parse_config(Config, argv, __doc__)
 
 
-SECTIONS = ("pretrain", "seg", "slide", "nmi", "data")
+SECTIONS = ("pretrain", "seg", "slide", "nmi", "data", "memory")
 
 
 def parse_pairs(text):
@@ -308,6 +315,8 @@ def markdown(rows):
             "fast/naive", "x fp32"]
     keys = ["section", "case", "path", "amp", "batch", "img_per_s", "ms_per_step", "mem_gb", "gflop_per_img", "tflops",
             "mfu_pct", "speedup", "vs_fp32"]
+    if any("mem_saving_pct" in r for r in rows):  # the memory section's columns
+        cols, keys = cols + ["weights GB", "saving %"], keys + ["weights_gb", "mem_saving_pct"]
     fmt = lambda v: "" if v is None else f"{v:.3g}" if isinstance(v, float) and abs(v) < 100 else \
         f"{v:.0f}" if isinstance(v, float) else str(v)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -411,6 +420,37 @@ def nmi_step(vit_proto, device, img, n, autocast):
         with autocast():
             unip.layer_nmi(vit, x)  # (L, B, H)
     return step
+
+
+def memory_case(arch, crop, n, grad_checkpoint, amp, device, threads, seed):
+    """Run in a fresh process (spawn): build `arch` + UperNet as train_seg.py fine-tunes it at `crop` (drop path,
+    layer scale; ViT-L with its multi-layer pyramid), then one forward + backward of n random crops.
+    -> (seconds, peak bytes above the built model or None, weight bytes)."""
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device(device)
+    amp, _, autocast = plumbing.precision(amp, device)
+    torch.manual_seed(seed)
+    large = arch == "vit_large"
+    backbone = unip.PRESETS[arch](img_size=crop, drop_path=0.2 if large else 0.1, drop_path_schedule="linear",
+                                  layer_scale=1.0)
+    backbone.grad_checkpoint = grad_checkpoint
+    seg = unip.Segmenter(backbone, 21, layers=unip.multi_layers(len(backbone.blocks)) if large else None)
+    weights = sum(p.numel() * p.element_size() for p in seg.parameters())
+    step = seg_step(seg, device, crop, 21, n, amp, autocast, optimise=False)  # works on its own copy
+    del seg, backbone
+    mark = memory_mark(device)
+    t = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t, memory_peak(device, mark), weights
+
+
+def fresh_process(fn, *args):
+    """fn(*args) in a new Python process: its memory peak starts from nothing this process holds."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
 
 
 def loader_sets(img, n, seed, infrared=""):
@@ -537,6 +577,19 @@ def main(argv=None):
                       for amp in amps}
             add(case_rows("nmi", f"{arch} all layers {img}px", batch, timed(builds), peak, flops))
     protos.clear()
+
+    # ---------------------------------------------------------------- peak memory with and without checkpointing
+    if "memory" in sections:
+        for arch in cfg.mem_models.split(","):
+            for amp in amps:
+                res = {ck: fresh_process(memory_case, arch, seg_img, seg_batch, ck, amp, str(device), cfg.threads,
+                                         cfg.seed) for ck in (False, True)}
+                plain = res[False][1]
+                for ck, (sec, mem, weights) in res.items():
+                    saving = None if not (mem and plain) else 100 * (1 - mem / plain)
+                    add([make_row("memory", f"{arch} UperNet {seg_img}px fwd+bwd", "grad checkpoint" if ck else "plain",
+                                  seg_batch, sec, mem, peak, amp=amp, weights_gb=weights / 2**30,
+                                  mem_saving_pct=saving)])
 
     # ---------------------------------------------------------------- data loader alone
     if "data" in sections:
