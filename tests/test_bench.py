@@ -164,10 +164,14 @@ def test_auto_amp_on_cuda_is_bf16_only_where_the_gpu_computes_it_natively(cap, a
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or cap)
     assert unip.resolve_amp("auto", "cuda:1") == (amp, why) and asked == [torch.device("cuda:1")]  # the run's GPU
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # precision() turns TF32 on: undone after
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch, "autocast", lambda *a, **k: (a, k))  # this CPU build cannot make a CUDA one
-    got, got_why, autocast = plumbing.precision("auto", torch.device("cuda", 0))  # as the scripts ask
+    # precision() turns TF32 on: restored by hand (these are properties that monkeypatch cannot always undo)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        got, got_why, autocast = plumbing.precision("auto", torch.device("cuda", 0))  # as the scripts ask
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     assert (got, got_why) == (amp, why) and autocast() == (("cuda", dtype), {"enabled": True})
     bf16, bf16_why = unip.resolve_amp("bf16", "cuda")  # asked for: honoured, with a warning where it is not native
