@@ -242,6 +242,22 @@ def load_label(path):
     return a if a.dtype == np.uint8 else a.astype(np.int64)
 
 
+def parse_label_map(text):
+    """--label-map '255:1,7:2' (train_seg.py, predict.py) -> a 256-entry table, identity elsewhere ('' -> None)."""
+    if not text:
+        return None
+    try:
+        pairs = [tuple(int(v) for v in pair.split(":")) for pair in text.split(",")]
+        label_map = np.arange(256)
+        for src, dst in pairs:
+            if not (0 <= src <= 255 and 0 <= dst <= 255):
+                raise ValueError
+            label_map[src] = dst
+    except (ValueError, IndexError):
+        raise SystemExit(f"--label-map {text!r}: expected 'raw:class,...' in 0..255, e.g. '255:1'") from None
+    return label_map
+
+
 def _load_item(ds, i):
     """ds.load(i); if a file of item i cannot be decoded, the next decodable item (i+1, i+2, ...,
     wrapping). Bad items are remembered in ds.bad (so they are warned about and counted once) and

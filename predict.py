@@ -18,6 +18,15 @@ thermal frame of MFNet's RGB-T PNGs), one whose 4th channel is constant (plain a
 --channel luma or --channel N overrides it. A model trained on MFNet given an RGBA file without a thermal 4th
 channel warns, naming the file. A file that cannot be decoded is skipped; the end line counts the images written,
 skipped and warned about, and names the last two.
+With --labels DIR the masks are scored against ground truth: the label of each image is DIR/<name> with its ending
+replaced by --label-suffix, read as train_seg.py reads labels (raw values through --label-map, by default the training
+run's; 255 ignored). Missing labels are named before anything is predicted; a label of another size than its image or
+with values that are no class stops the run, naming the file. At the end a table gives each class's IoU and accuracy
+(recall) and mIoU, mAcc and aAcc (pixel accuracy), as train_seg.py evaluates, and OUT/metrics.json holds them with the
+confusion matrix (rows: ground truth, columns: prediction).
+
+    python predict.py --checkpoint best.pt --images val/images --labels val/labels --out runs/val_pred
+
 With --onnx the network is an export.py file run by ONNX Runtime (pip install onnxruntime); classes, palette,
 short side, windows and stride come from the file's metadata, and everything else is the same.
 In your own code: seg = unip.load_segmenter(path) gives the same model (see unip.load_segmenter).
@@ -47,6 +56,9 @@ class Config:
     out: str = "runs/predict"   # output folder: masks/, overlays/, classes.json
     channel: str = "auto"       # auto (4-channel rule: varying 4th channel = thermal, constant = alpha) | luma | N (raw)
     thermal_range: str = ""     # LO,HI: 16-bit / float frames mapped linearly LO -> 0, HI -> 255, clipped | stretch (per-image 1st-99th percentile) ('': the training run's mapping); 8-bit images are unaffected
+    labels: str = ""            # label folder: score the masks against DIR/<name without ending><--label-suffix> (IoU, Acc, OUT/metrics.json)
+    label_suffix: str = ".png"  # ending of the label files in --labels
+    label_map: str = ""         # raw label value -> class, e.g. '255:1' for 0/255 masks; other values kept ('': the --label-map of a --dataset folder training run)
     alpha: float = 0.5          # opacity of the class colours in the overlays
     amp: str = "auto"           # auto | bf16 | fp16 | none (auto as in training: unip.resolve_amp)
     device: str = "auto"        # auto | cpu | cuda | cuda:N
@@ -88,6 +100,61 @@ def output_names(paths, root):
         raise ValueError(f"{len(clashes)} pairs of images would write the same mask and overlay: {'; '.join(clashes)}. "
                          "Rename or move one image of each pair (outputs are named <image name without ending>.png)")
     return names
+
+
+def label_files(names, folder, suffix):
+    """The label of each image: folder/<its mask name without ending><suffix>. FileNotFoundError naming the first
+    few missing files and their count, so that a run stops before anything is predicted."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--labels {folder!r}: no such folder")
+    labels = [os.path.join(folder, os.path.splitext(n)[0] + suffix) for n in names]
+    missing = [p for p in labels if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(labels)} images have no label file in {folder} "
+                                f"(<name without ending>{suffix}), e.g. {', '.join(missing[:3])}")
+    return labels
+
+
+def read_label(path, shape, label_map, num_classes):
+    """(H, W) int64 classes of a label file read as train_seg.py reads it (data.load_label, then label_map, a
+    256-entry table or None). ValueError naming the file if it cannot be decoded, is not `shape`, or holds values
+    that are neither classes 0..num_classes-1 nor the ignore value."""
+    try:
+        label = data.load_label(path)
+    except OSError as e:
+        raise ValueError(str(e)) from None
+    if label_map is not None:
+        if label.dtype != np.uint8:
+            raise ValueError(f"{path}: --label-map needs 8-bit labels, got values up to {label.max()}")
+        label = label_map[label]
+    if label.shape != shape:
+        raise ValueError(f"{path}: label is {label.shape[1]}x{label.shape[0]} but its image is {shape[1]}x{shape[0]}")
+    values = np.unique(label)
+    bad = values[((values >= num_classes) & (values != data.IGNORE)) | (values < 0)]
+    if bad.size:
+        raise ValueError(f"{path}: label values {bad[:10].tolist()} are neither classes 0..{num_classes - 1} "
+                         f"nor ignore {data.IGNORE} (missing or wrong --label-map?)")
+    return label.astype(np.int64)
+
+
+def scores(conf, classes):
+    """(table, metrics) of a (K, K) confusion matrix (rows: ground truth, columns: prediction), as train_seg.py
+    reports evaluation: IoU and accuracy (recall) per class in %, NaN (shown '-', null in JSON) for a class in
+    neither prediction nor label (IoU) or without label pixels (Acc), left out of mIoU and mAcc; aAcc: pixels right
+    over labelled pixels."""
+    iou, acc = unip.iou_from_confusion(conf) * 100, unip.acc_from_confusion(conf) * 100
+    miou, macc = torch.nanmean(iou).item(), torch.nanmean(acc).item()
+    aacc = (conf.diag().sum() / conf.sum()).item() * 100 if conf.sum() else float("nan")
+    w = max(len(c) for c in list(classes) + ["mIoU / mAcc"])
+    cell = lambda v: "     -" if v != v else f"{v:6.2f}"
+    table = (f"per class (%)\n  {'':<{w}}    IoU    Acc\n"
+             + "".join(f"  {c:<{w}} {cell(v)} {cell(a)}\n" for c, v, a in zip(classes, iou.tolist(), acc.tolist()))
+             + f"  {'mIoU / mAcc':<{w}} {cell(miou)} {cell(macc)}\n  {'aAcc':<{w}} {cell(aacc)}")
+    finite = lambda v: None if v != v else v
+    metrics = {"classes": list(classes), "iou": [finite(v) for v in iou.tolist()],
+               "acc": [finite(v) for v in acc.tolist()], "miou": finite(miou), "macc": finite(macc),
+               "aacc": finite(aacc), "confusion": conf.tolist()}
+    return table, metrics
 
 
 def read_frame(path, channel, rgbt, thermal_range=None):
@@ -178,17 +245,30 @@ def main(argv=None):
     # ------------------------------------------------------------------ images and model
     paths, root = image_paths(cfg.images)
     names = output_names(paths, root)
+    labels = label_files(names, cfg.labels, cfg.label_suffix) if cfg.labels else [None] * len(paths)
+    if cfg.labels:  # sizes from the headers (as displayed): every mismatch named before anything is predicted
+        wrong = data.size_mismatches(paths, labels)
+        if wrong:
+            raise ValueError(f"{len(wrong)} labels differ in size from their images: "
+                             + "; ".join(m for _, m in wrong[:3]) + ("; ..." if len(wrong) > 3 else ""))
     channel = data.parse_channel(cfg.channel)
     seg = OnnxSegmenter(cfg.onnx) if cfg.onnx else unip.load_segmenter(cfg.checkpoint, device)
     rgbt = seg.config.get("dataset") == "mfnet"  # trained on thermal frames (MFNet's are channel 3 of its RGBA PNGs)
     trained = seg.config.get("thermal_range", "")  # the training run's mapping of 16-bit frames ('': stretch)
     thermal = data.parse_thermal_range(cfg.thermal_range or trained)
     to_input = data.SegEvalTransform(short_side=seg.short_side)
+    # the training run's label map where training applied it (--dataset folder); --label-map here overrides it
+    trained_map = seg.config.get("label_map", "") if seg.config.get("dataset") == "folder" else ""
+    label_map = data.parse_label_map(cfg.label_map or trained_map)
     print(f"{model_file}: {seg.config.get('model')} {seg.mode}, {seg.num_classes} classes "
           f"({', '.join(seg.classes)}) | {len(paths)} images | short side {seg.short_side}, windows {seg.crop} "
           f"stride {seg.stride} | device {device} | amp {amp} ({amp_why})")
     print(data.thermal_range_note(thermal) + (f" [given by --thermal-range; training used {trained or 'stretch'}]"
                                               if cfg.thermal_range else " [the training run's mapping]"))
+    if cfg.labels:
+        print(f"scoring against {cfg.labels}/<name>{cfg.label_suffix}, label map "
+              + (f"{cfg.label_map} [given by --label-map]" if cfg.label_map else
+                 f"{trained_map} [the training run's]" if trained_map else "none") + f", {data.IGNORE} ignored")
     for sub in ("masks", "overlays"):
         os.makedirs(os.path.join(cfg.out, sub), exist_ok=True)
     with open(os.path.join(cfg.out, "classes.json"), "w") as f:
@@ -197,7 +277,8 @@ def main(argv=None):
 
     # ------------------------------------------------------------------ loop
     skipped, warned, sources = [], [], {}
-    for path, name in zip(tqdm(paths, desc="predict", dynamic_ncols=True), names):
+    conf = torch.zeros(seg.num_classes, seg.num_classes, dtype=torch.int64)  # rows: label, columns: prediction
+    for path, name, label_path in zip(tqdm(paths, desc="predict", dynamic_ncols=True), names, labels):
         try:
             img, source, notes = read_frame(path, channel, rgbt, thermal)
         except (OSError, ValueError) as e:
@@ -209,12 +290,15 @@ def main(argv=None):
             warned.append(path)
             for note in notes:
                 tqdm.write(f"warning: {note}")
+        label = read_label(label_path, img.shape, label_map, seg.num_classes) if label_path else None  # checked first
         x, _ = to_input(img, None)  # (3, h', w'), short side resized, normalised
         with torch.no_grad(), autocast():  # (1, K, h', w'), fp32
             logits = unip.slide_inference(seg, x[None].to(device), seg.num_classes, seg.crop, seg.stride,
                                           patch=getattr(seg, "patch", None))  # None: the backbone's
         pred = F.interpolate(logits.float(), size=img.shape, mode="bilinear", align_corners=False).argmax(1)
         pred = pred[0].to(torch.uint8).cpu().numpy()  # (H, W) class indices at the image's size
+        if label_path:
+            conf += unip.confusion_matrix(torch.from_numpy(pred), torch.from_numpy(label), seg.num_classes)
 
         colour = data.colorize(pred, seg.palette)  # (H, W, 3)
         grey = np.repeat(img[..., None], 3, 2).astype(np.float32)
@@ -235,6 +319,14 @@ def main(argv=None):
           + f"; warned about {len(warned)} files" + (f" (see the warnings above): {', '.join(warned)}" if warned else ""))
     if not done:
         raise SystemExit("error: none of the images could be decoded")
+    if cfg.labels:  # the images predicted; skipped ones are left out
+        table, metrics = scores(conf, seg.classes)
+        print(f"scores of the {done} masks against {cfg.labels}: {table}")
+        dst = os.path.join(cfg.out, "metrics.json")
+        with open(dst + ".tmp", "w") as f:
+            json.dump({"images": done, **metrics}, f, indent=1)
+        os.replace(dst + ".tmp", dst)
+        print(f"wrote {dst}")
 
 
 if __name__ == "__main__":

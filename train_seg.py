@@ -225,18 +225,7 @@ def check_labels(counts, classes, n_files):
 # ----------------------------------------------------------------------------- data
 
 
-def parse_label_map(text):
-    """--label-map '255:1,7:2' -> a 256-entry table, identity elsewhere ('' -> None)."""
-    if not text:
-        return None
-    try:
-        pairs = [tuple(int(v) for v in pair.split(":")) for pair in text.split(",")]
-        label_map = np.arange(256)
-        for src, dst in pairs:
-            label_map[src] = dst
-    except (ValueError, IndexError):
-        raise SystemExit(f"--label-map {text!r}: expected 'raw:class,...' in 0..255, e.g. '255:1'")
-    return label_map
+parse_label_map = data.parse_label_map  # --label-map '255:1' -> a 256-entry table (predict.py reads it too)
 
 
 def build_datasets(cfg, crop, say):

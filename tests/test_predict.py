@@ -3,6 +3,7 @@ overlays for a folder of unlabelled images decoded as in training (8-bit, 16-bit
 CPU only, a few seconds after one 1-step train_seg.py run. UNIP_SAMPLE_DATA=/path/to/shared/data adds real frames."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -186,6 +187,144 @@ def test_predict_user_errors_are_one_line(ckpt, tmp_path):
     cmd = [sys.executable, str(ROOT / "predict.py"), "--checkpoint", str(ckpt), "--images", str(tmp_path / "none")]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "Traceback" not in p.stderr and "error: --images" in p.stderr
+
+
+@pytest.fixture(scope="module")
+def scene(ckpt, tmp_path_factory):
+    """(frames folder, {name: mask predict.py wrote}): a.png, b.jpg, night/c.png and an undecodable broken.png."""
+    root = tmp_path_factory.mktemp("scored")
+    src = root / "in"
+    (src / "night").mkdir(parents=True)
+    Image.fromarray(frame(seed=3)).save(src / "a.png")
+    Image.fromarray(frame(seed=4)).save(src / "b.jpg", quality=95)
+    Image.fromarray(frame(40, 56, seed=5)).save(src / "night" / "c.png")
+    (src / "broken.png").write_bytes(b"\x89PNG not really")
+    predict.main(["--checkpoint", str(ckpt), "--images", str(src), "--out", str(root / "first"), "--amp", "none"])
+    return src, {n: np.array(Image.open(root / "first" / "masks" / f"{n}.png")) for n in ("a", "b", "night/c")}
+
+
+def write_labels(folder, labels, suffix=".png"):
+    """Save {name: (H, W) uint8} as folder/<name><suffix>; broken.png gets a label too (it is skipped all the same)."""
+    for name, lab in {**labels, "broken": np.zeros((4, 4), np.uint8)}.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(lab).save(folder / f"{name}{suffix}")
+    return folder
+
+
+def scored(ckpt, src, labels, out, *flags):
+    """Run predict.py with --labels; metrics.json and the masks it wrote."""
+    predict.main(["--checkpoint", str(ckpt), "--images", str(src), "--out", str(out), "--amp", "none",
+                  "--labels", str(labels), *flags])
+    masks = {n: np.array(Image.open(out / "masks" / f"{n}.png")) for n in ("a", "b", "night/c")}
+    return json.loads((out / "metrics.json").read_text()), masks
+
+
+def nan_none(values):
+    return np.array([np.nan if v is None else v for v in values], np.float64)
+
+
+def test_labels_equal_to_the_masks_score_100(ckpt, scene, tmp_path, capsys):
+    src, first = scene
+    labels = write_labels(tmp_path / "gt", first, suffix="_gt.png")  # a.png -> a_gt.png: --label-suffix
+    m, masks = scored(ckpt, src, labels, tmp_path / "out", "--label-suffix", "_gt.png")
+    log = capsys.readouterr().out
+    assert all(np.array_equal(masks[n], first[n]) for n in first)
+    K = 8
+    want = sum(np.bincount(v.ravel().astype(np.int64) * (K + 1), minlength=K * K).reshape(K, K) for v in first.values())
+    assert m["images"] == 3 and m["classes"] == list(data.SYN_CLASSES)  # broken.png skipped and left out
+    assert np.array_equal(np.array(m["confusion"]), want)
+    assert m["miou"] == m["macc"] == m["aacc"] == 100
+    present = want.diagonal() > 0
+    assert [v is None for v in m["iou"]] == [v is None for v in m["acc"]] == list(~present)
+    assert all(v == 100 for v in nan_none(m["iou"])[present]) and all(v == 100 for v in nan_none(m["acc"])[present])
+    assert "skipped 1 files" in log and "mIoU / mAcc" in log and "aAcc" in log and " 100.00 100.00" in log
+    assert (" -      -" in log) == (not present.all())  # classes in neither prediction nor label
+    assert "label map none" in log
+
+
+def test_scores_match_the_formulas_by_hand(ckpt, scene, tmp_path):
+    src, first = scene
+    b, c = first["b"].copy(), first["night/c"].copy()
+    b[5:20, 10:50] = (b[5:20, 10:50] + 1) % 8  # wrong where the model said something else
+    b[30:, :20] = 255  # ignored
+    c[:, :28] = 3
+    given = {"a": np.zeros_like(first["a"]), "b": b, "night/c": c}
+    m, masks = scored(ckpt, src, write_labels(tmp_path / "gt", given), tmp_path / "out")
+    iou, acc, tp_all = [], [], 0
+    for k in range(8):  # per class, straight from the pixels
+        tp = fp = fn = 0
+        for n, lab in given.items():
+            pred, keep = masks[n], lab != 255
+            tp += np.sum((pred == k) & (lab == k) & keep)
+            fp += np.sum((pred == k) & (lab != k) & keep)
+            fn += np.sum((pred != k) & (lab == k) & keep)
+        iou.append(100 * tp / (tp + fp + fn) if tp + fp + fn else np.nan)
+        acc.append(100 * tp / (tp + fn) if tp + fn else np.nan)
+        tp_all += tp
+    n_all = sum(np.sum(lab != 255) for lab in given.values())
+    np.testing.assert_allclose(nan_none(m["iou"]), iou, rtol=1e-12)
+    np.testing.assert_allclose(nan_none(m["acc"]), acc, rtol=1e-12)
+    assert not np.allclose(iou, acc, equal_nan=True)  # a wrong formula for one of them would show
+    assert m["miou"] == pytest.approx(np.nanmean(iou)) and m["macc"] == pytest.approx(np.nanmean(acc))
+    assert m["aacc"] == pytest.approx(100 * tp_all / n_all) and np.sum(m["confusion"]) == n_all
+
+
+def test_label_errors_name_the_file(ckpt, scene, tmp_path):
+    src, first = scene
+    out = tmp_path / "out"
+    gt = write_labels(tmp_path / "gt", {"a": first["a"]})  # b and night/c have none
+    with pytest.raises(FileNotFoundError, match=r"2 of 4 images have no label file") as e:
+        predict.main(["--checkpoint", str(ckpt), "--images", str(src), "--out", str(out), "--labels", str(gt)])
+    assert str(gt / "b.png") in str(e.value) and str(gt / "night" / "c.png") in str(e.value)
+    assert not out.exists()  # refused before anything was predicted
+
+    gt = write_labels(tmp_path / "gt2", {**first, "b": np.zeros((10, 12), np.uint8)})
+    with pytest.raises(ValueError, match=re.escape(f"{gt / 'b.png'} is 12x10 but {src / 'b.jpg'} is 80x48")):
+        predict.main(["--checkpoint", str(ckpt), "--images", str(src), "--out", str(out), "--labels", str(gt)])
+    assert not out.exists()
+    with pytest.raises(ValueError, match=re.escape(f"{gt / 'b.png'}: label is 12x10 but its image is 80x48")):
+        predict.read_label(gt / "b.png", (48, 80), None, 8)  # the check at the item, after decoding
+
+    c = first["night/c"].copy()
+    c[0, :3] = 200
+    gt = write_labels(tmp_path / "gt3", {**first, "night/c": c})
+    with pytest.raises(ValueError, match=re.escape(f"{gt / 'night' / 'c.png'}: label values [200] are neither "
+                                                   "classes 0..7 nor ignore 255")):
+        predict.main(["--checkpoint", str(ckpt), "--images", str(src), "--out", str(out), "--labels", str(gt)])
+    assert not (out / "metrics.json").exists()
+
+
+def test_label_map_for_binary_masks(ckpt, scene, tmp_path, capsys):
+    src, first = scene
+    raw = {n: np.where(np.arange(v.shape[1]) < 30, 255, 0).astype(np.uint8)[None].repeat(v.shape[0], 0)
+           for n, v in first.items()}  # 0/255 masks: the left 30 columns are the foreground
+    gt = write_labels(tmp_path / "gt", raw)
+    n_fg, n_all = sum(v.shape[0] * 30 for v in raw.values()), sum(v.size for v in raw.values())
+
+    def confusion(masks, fg):  # fg: class of the 255 pixels, or None (ignored)
+        conf = np.zeros((8, 8), np.int64)
+        for n, r in raw.items():
+            lab = np.where(r == 255, 255 if fg is None else fg, 0).ravel()
+            keep = lab != 255
+            np.add.at(conf, (lab[keep], masks[n].ravel()[keep]), 1)
+        return conf
+
+    m, masks = scored(ckpt, src, gt, tmp_path / "mapped", "--label-map", "255:1")
+    assert np.array_equal(m["confusion"], confusion(masks, 1)) and np.sum(m["confusion"][1]) == n_fg
+    assert "label map 255:1 [given by --label-map]" in capsys.readouterr().out
+    m, masks = scored(ckpt, src, gt, tmp_path / "plain")  # without the map 255 is the ignore value
+    assert np.array_equal(m["confusion"], confusion(masks, None)) and np.sum(m["confusion"]) == n_all - n_fg
+    # a model trained on a folder with --label-map 255:1 scores with it unless --label-map says otherwise
+    ck = unip.load_checkpoint(ckpt)
+    ck["config"].update(dataset="folder", label_map="255:1")
+    unip.save_checkpoint(ck, tmp_path / "folder.pt")
+    m, masks = scored(tmp_path / "folder.pt", src, gt, tmp_path / "trained")
+    assert np.array_equal(m["confusion"], confusion(masks, 1))
+    assert "label map 255:1 [the training run's]" in capsys.readouterr().out
+    m, masks = scored(tmp_path / "folder.pt", src, gt, tmp_path / "override", "--label-map", "255:2")
+    assert np.array_equal(m["confusion"], confusion(masks, 2))
+    with pytest.raises(SystemExit, match="--label-map '255:300': expected 'raw:class,...' in 0..255"):
+        scored(ckpt, src, gt, tmp_path / "bad", "--label-map", "255:300")
 
 
 @pytest.mark.skipif(not os.environ.get("UNIP_SAMPLE_DATA"), reason="set UNIP_SAMPLE_DATA to the shared data folder")
