@@ -1,5 +1,11 @@
+import os
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the scripts, importable by run_main
 
 
 @pytest.fixture(scope="module")
@@ -10,3 +16,38 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+class Ran:
+    """What a finished script left: returncode, stdout, stderr (as subprocess.CompletedProcess)."""
+
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def run_main(script, *args):
+    """`python script args` without starting Python and torch again (about 2 s a run): the script's
+    main() in this process, through plumbing.run as its command line runs it, with stdout and stderr
+    captured and a traceback written to stderr as the interpreter would. -> Ran. Each script still has
+    tests that start it as a real process (help, torchrun, damaged checkpoints)."""
+    import contextlib
+    import importlib
+    import io
+    import traceback
+    import warnings
+
+    import plumbing
+    module = importlib.import_module(os.path.splitext(os.path.basename(str(script)))[0])
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+        warnings.simplefilter("default")  # each run warns afresh, as a new process would
+        try:
+            plumbing.run(lambda: module.main([str(a) for a in args]))
+        except SystemExit as e:
+            code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+            if not isinstance(e.code, (int, type(None))):
+                print(e.code, file=sys.stderr)
+        except Exception:
+            traceback.print_exc()
+            code = 1
+    return Ran(code, out.getvalue(), err.getvalue())

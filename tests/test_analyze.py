@@ -3,8 +3,6 @@ distil is the right one, and the CLI writes its JSON and pictures (run through s
 import json
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,6 +11,7 @@ from PIL import Image
 
 import analyze
 import unip
+from conftest import run_main  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -263,9 +262,8 @@ def test_curve_and_attention_pictures_are_drawn(tmp_path):
 # the command line, end to end
 
 
-def run_cli(*args, timeout=300):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "analyze.py"), "--device", "cpu", "--workers", "0", *args],
-                       cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+def run_cli(*args):
+    r = run_main("analyze.py", "--device", "cpu", "--workers", "0", *args)  # in this process
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout
 
@@ -326,7 +324,7 @@ def test_cli_compares_two_checkpoints_on_an_image_folder(designed_ckpt, tmp_path
         a = (rng.random((h, w)) * 80).astype(np.uint8)
         a[h // 3: h // 2, w // 3: w // 2] = 240
         Image.fromarray(a).save(folder / f"im{i}.{'png' if i % 2 else 'jpg'}")
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / f"rgb.bmp")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "rgb.bmp")
     (folder / "notes.txt").write_text("not an image")
     out = tmp_path / "cmp"
     run_cli("--checkpoint", f"{designed_ckpt},none", "--arch", "vit_tiny", "--img-size", "64", "--num-images", "8",

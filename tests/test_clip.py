@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import analyze
 import data
 import unip
+from conftest import run_main  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIM, DEPTH, HEADS, PATCH, IMG = 64, 2, 4, 16, 32  # a small CLIP: 2x2 patches + CLS
@@ -319,10 +320,9 @@ def test_shared_clip_file_loads_and_matches_the_hf_forward(clip_fp32):
 @pytest.mark.skipif(not (TEACHERS and os.environ.get("UNIP_SAMPLE_DATA")), reason="set UNIP_TEACHERS and UNIP_SAMPLE_DATA")
 def test_analyze_on_real_frames_picks_clips_hybrid_layer_9(clip_fp32, tmp_path):
     frames = os.path.join(os.environ["UNIP_SAMPLE_DATA"], "roadscene_flir_ir")
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "analyze.py"), "--checkpoint", str(clip_fp32),
-                        "--arch", "clip_vitb16", "--images", frames, "--num-images", "32", "--img-size", "224",
-                        "--teacher-norm", "clip", "--workers", "0", "--pictures", "0", "--out", str(tmp_path)],
-                       capture_output=True, text=True, cwd=ROOT)
+    p = run_main("analyze.py", "--checkpoint", clip_fp32, "--arch", "clip_vitb16", "--images", frames,
+                 "--num-images", "32", "--img-size", "224", "--teacher-norm", "clip", "--workers", "0",
+                 "--pictures", "0", "--out", tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((tmp_path / "nmi.json").read_text())
     assert res["recommended_layer"] == 9 and res["warning"] is None and "WARNING" not in p.stdout

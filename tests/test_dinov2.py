@@ -5,8 +5,6 @@ real frames when UNIP_SAMPLE_DATA names the sample data; they skip otherwise."""
 import json
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,6 +14,7 @@ from PIL import Image
 
 import train_pretrain
 import unip
+from conftest import run_main  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -232,11 +231,10 @@ def test_train_pretrain_bridges_patch_14_and_16(tmp_path):
     path = tmp_path / "dinov2_like.pth"
     torch.save(official_layout(unip.dinov2_vits14_reg4(img_size=56)), path)
     out = tmp_path / "run"
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "train_pretrain.py"), "--teacher", str(path),
-                        "--teacher-arch", "dinov2_vits14_reg4", "--teacher-layer", "auto", "--nmi-images", "8",
-                        "--model", "vit_micro", "--img-size", "64", "--synthetic-images", "16", "--batch-size", "8",
-                        "--effective-batch", "8", "--epochs", "1", "--warmup-epochs", "1", "--steps", "1",
-                        "--workers", "0", "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    p = run_main("train_pretrain.py", "--teacher", path, "--teacher-arch", "dinov2_vits14_reg4", "--teacher-layer",
+                 "auto", "--nmi-images", "8", "--model", "vit_micro", "--img-size", "64", "--synthetic-images", "16",
+                 "--batch-size", "8", "--effective-batch", "8", "--epochs", "1", "--warmup-epochs", "1", "--steps", "1",
+                 "--workers", "0", "--out", out)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "sees the 64 px crops resized to 56 px (4x4 tokens, as the student)" in p.stdout
     assert "chose layer" in p.stdout
@@ -317,9 +315,8 @@ def test_shared_dinov2_file_loads_and_matches_its_forward():
 def test_analyze_picks_a_layer_after_dinov2s_local_phase(tmp_path):
     path = os.path.join(os.environ["UNIP_TEACHERS"], "dinov2_vits14_imgfocus.pth")
     frames = os.path.join(os.environ["UNIP_SAMPLE_DATA"], "roadscene_flir_ir")
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "analyze.py"), "--checkpoint", path, "--arch", "dinov2_vits14",
-                        "--images", frames, "--num-images", "8", "--workers", "0", "--pictures", "0",
-                        "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    p = run_main("analyze.py", "--checkpoint", path, "--arch", "dinov2_vits14", "--images", frames,
+                 "--num-images", "8", "--workers", "0", "--pictures", "0", "--out", tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((tmp_path / "nmi.json").read_text())
     peak = max(range(12), key=lambda i: res["layers"][i]) + 1
@@ -430,10 +427,8 @@ def test_finetuned_dinov2_keeps_its_table_and_pads_crops(tmp_path):
     init = tmp_path / "dinov2_s.pth"
     torch.save(official_layout(unip.dinov2_vits14()), init)
     out = tmp_path / "seg"
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "train_seg.py"), "--model", "dinov2_vits14", "--init", str(init),
-                        "--crop", "50", "--batch-size", "2", "--eval-images", "1", "--workers", "0", "--steps", "2",
-                        "--log-every", "1", "--amp", "none", "--out", str(out)],
-                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = run_main("train_seg.py", "--model", "dinov2_vits14", "--init", init, "--crop", "50", "--batch-size", "2",
+                 "--eval-images", "1", "--workers", "0", "--steps", "2", "--log-every", "1", "--amp", "none", "--out", out)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "training crops are padded to 56" in p.stdout
     ck = unip.load_checkpoint(out / "ckpt.pt")
@@ -504,11 +499,9 @@ def test_student_crop_off_the_patch_grid_is_refused_with_the_nearest_size(tmp_pa
         unip.teacher_view(155, 16, 14)
     with pytest.raises(ValueError, match="use 154 or 168"):  # a DINOv2 student: its own patch counts
         unip.teacher_view(160, 14, 16)
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "train_pretrain.py"), "--teacher", "random",
-                        "--teacher-arch", "dinov2_vits14", "--teacher-layer", "2", "--model", "vit_micro",
-                        "--img-size", "70", "--synthetic-images", "8", "--batch-size", "4", "--effective-batch", "4",
-                        "--workers", "0", "--out", str(tmp_path)],
-                       capture_output=True, text=True, cwd=ROOT)
+    p = run_main("train_pretrain.py", "--teacher", "random", "--teacher-arch", "dinov2_vits14", "--teacher-layer", "2",
+                 "--model", "vit_micro", "--img-size", "70", "--synthetic-images", "8", "--batch-size", "4",
+                 "--effective-batch", "4", "--workers", "0", "--out", tmp_path)
     assert p.returncode != 0 and "error: --img-size (the student's crop) 70" in p.stderr and "use 64 or 80" in p.stderr
 
 

@@ -27,6 +27,7 @@ import data  # noqa: E402
 import export  # noqa: E402
 import predict  # noqa: E402
 import unip  # noqa: E402
+from conftest import run_main  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -38,7 +39,7 @@ def ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("seg")
     cmd = [sys.executable, str(ROOT / "train_seg.py"), "--out", str(out), "--model", "vit_micro", "--steps", "1",
            "--crop", "64", "--batch-size", "2", "--eval-images", "1", "--workers", "0", "--num-samples", "0"]
-    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    p = run_main(*cmd[1:])  # in this process: no second start of Python and torch
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     return out / "best.pt"
 

@@ -3,14 +3,12 @@ on every decoding path, image/label size checks from the file headers before any
 predict.py's output names and end counts. Small files made in each test, CPU only; UNIP_SAMPLE_DATA=/path/to/shared/data
 adds the two real MFNet frames."""
 import os
-import subprocess
 import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,6 +17,7 @@ import data  # noqa: E402
 import real_data  # noqa: E402
 import predict  # noqa: E402
 import unip  # noqa: E402
+from conftest import run_main  # noqa: E402
 
 ORIENTATION = 0x0112  # EXIF tag; 6 = "rotate 90 degrees clockwise to display", 8 = counter-clockwise, 3 = 180
 
@@ -208,8 +207,7 @@ def test_exif_turned_image_matches_its_label_as_displayed(tmp_path):
 def run_seg(*args):
     cmd = [sys.executable, str(ROOT / "train_seg.py"), "--crop", "32", "--batch-size", "2", "--eval-images", "1",
            "--workers", "0", "--log-every", "1", "--num-samples", "0", *map(str, args)]
-    return subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=300)
+    return run_main(*cmd[1:])  # in this process: no second start of Python and torch
 
 
 def test_train_seg_stops_before_training_on_mismatched_pairs(tmp_path):

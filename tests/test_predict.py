@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import predict  # noqa: E402
 import unip  # noqa: E402
+from conftest import run_main  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,8 +31,7 @@ def ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("seg")
     cmd = [sys.executable, str(ROOT / "train_seg.py"), "--out", str(out), "--steps", "1", "--crop", "64",
            "--batch-size", "2", "--eval-images", "1", "--workers", "0", "--num-samples", "0"]
-    p = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                       timeout=300)
+    p = run_main(*cmd[1:])  # in this process: no second start of Python and torch
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     return out / "best.pt"
 
@@ -110,8 +110,7 @@ def ckpt16(tmp_path_factory):
     cmd = [sys.executable, str(ROOT / "train_seg.py"), "--out", str(out), "--steps", "1", "--crop", "64",
            "--batch-size", "2", "--eval-images", "1", "--workers", "0", "--num-samples", "0", "--dataset", "folder",
            "--data-root", str(root), "--classes", "background,warm", "--thermal-range", "20000,24000"]
-    p = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                       timeout=300)
+    p = run_main(*cmd[1:])  # in this process: no second start of Python and torch
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert "16-bit / float frames: raw 20000..24000 -> 0..255" in p.stdout
     return out / "best.pt"

@@ -24,6 +24,7 @@ import plumbing  # noqa: E402
 import data  # noqa: E402
 import train_seg  # noqa: E402
 import unip  # noqa: E402
+from conftest import run_main  # noqa: E402
 
 # tiny runs: vit_tiny at 64 px (4x4 patches), batch 2, one evaluation image
 SMALL = ["--crop", "64", "--batch-size", "2", "--eval-images", "1", "--workers", "0", "--log-every", "1"]
@@ -38,9 +39,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(*args, ok=True, cmd=None):
-    cmd = cmd or [sys.executable, str(ROOT / "train_seg.py")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run(cmd + [str(a) for a in args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    """train_seg.py with these arguments: in this process (conftest.run_main), or as the command `cmd` (torchrun,
+    another script) -> returncode, stdout, stderr."""
+    if cmd is None:
+        p = run_main("train_seg.py", *args)
+    else:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        p = subprocess.run(cmd + [str(a) for a in args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     if ok:
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
