@@ -32,6 +32,8 @@ to the next multiple, in training (label 255 on the pad) and in the sliding wind
 count (the reference does so); --keep-distilled-heads keeps the checkpoint's. As in every reference config,
 each block gets trainable layer-scale factors initialised to 1.0 (--layer-scale 0: none). The reference's
 relative position bias is not built (see docs/design.md, the differences from the authors' code).
+The UperNet is as wide as the backbone (D channels), as the reference; --head-channels N narrows it (cheaper,
+off the paper's setting); checkpoints record the width, so predict.py and export.py rebuild the same model.
 Low memory: --accum-steps N sums the gradients of N micro-batches per optimiser step (the schedule counts
 optimiser steps; BatchNorm in the heads sees one micro-batch); --grad-checkpoint recomputes each backbone block
 in the backward instead of keeping its activations (docs/speed.md: the memory it saves).
@@ -113,6 +115,7 @@ class Config:
     drop_path: float = 0.1              # stochastic depth of the last block, linear from 0 (finetune only; vit_large: 0.2)
     layer_scale: float = 1.0            # trainable per-channel residual scales with this init, as the reference (0: off)
     aux_weight: float = 0.4             # weight of the auxiliary FCN loss (0: no auxiliary head)
+    head_channels: int = 0              # finetune: UperNet channels (0: the backbone's dim, as the reference)
     class_weight: str = ""              # loss weight per class: auto (ENet: 1 / ln(1.02 + share of training pixels)) | w1,w2,... ('': plain cross-entropy)
     eval_every: int = -1                # evaluate every N steps and at the end (-1: soda/scut 800, mfnet 700, else 2000)
     eval_size: int = 0                  # short side of evaluation images (0: = crop)
@@ -140,8 +143,11 @@ def parse_config(argv=None) -> Config:
 
 
 def check_config(cfg):
-    """Usage errors found from the flags alone: --thermal-range, --class-weight (ValueError)."""
+    """Usage errors found from the flags alone: --thermal-range, --class-weight, --head-channels (ValueError)."""
     data.parse_thermal_range(cfg.thermal_range)
+    if cfg.head_channels < 0 or (cfg.head_channels and cfg.mode != "finetune"):
+        raise ValueError(f"--head-channels {cfg.head_channels}: the UperNet's width, 1 or more (0: the backbone's), "
+                         f"and only with --mode finetune (the probes have no UperNet)")
     parse_class_weight(cfg.class_weight, dataset_classes(cfg))
 
 
@@ -187,7 +193,8 @@ def inference_arch(cfg, seg, crop, stride, classes, palette):
     finetune = cfg.mode == "finetune"
     return dict(model=cfg.model, img_size=crop, last_heads=seg.backbone.blocks[-1].attn.heads,
                 layer_scale=cfg.layer_scale if finetune else 0.0, num_classes=seg.num_classes, mode=cfg.mode,
-                layers=list(seg.layers), aux=seg.aux_head is not None, classes=list(classes),
+                layers=list(seg.layers), aux=seg.aux_head is not None,
+                head_channels=seg.head.classifier.in_channels if finetune else None, classes=list(classes),
                 palette=[list(c) for c in palette], crop=crop, stride=stride, short_side=cfg.eval_size or crop)
 
 
@@ -334,7 +341,7 @@ def resume_from(path, seg, opt, scaler, cfg, rt):
     except RuntimeError as e:  # another architecture: name the settings of the run that wrote it
         was = ck.get("config", {})
         diff = [f"--{k.replace('_', '-')} {was[k]}" for k in ("model", "mode", "pyramid", "layer", "layer_scale",
-                "crop", "dataset", "classes", "aux_weight") if k in was and was[k] != getattr(cfg, k)]
+                "crop", "dataset", "classes", "aux_weight", "head_channels") if k in was and was[k] != getattr(cfg, k)]
         raise SystemExit(f"{path} does not fit this model ({str(e).splitlines()[0].strip()[:120]} ...); "
                          + (f"it was written with {', '.join(diff)}" if diff else "give the flags of its run")) from None
     if "optimizer" in ck:
@@ -480,7 +487,9 @@ def recipe_notes(cfg, crop, patch, finetune):
     notes = []
     if finetune:
         notes.append(f"fine-tuning: drop path {cfg.drop_path} | layer decay {cfg.layer_decay} | layer scale "
-                     + (f"{cfg.layer_scale:g} (trainable)" if cfg.layer_scale else "off"))
+                     + (f"{cfg.layer_scale:g} (trainable)" if cfg.layer_scale else "off")
+                     + (f" | UperNet {cfg.head_channels} channels (the reference: the backbone's dim)"
+                        if cfg.head_channels else ""))
     if crop % patch:
         notes.append(f"crop {crop} is not a multiple of {cfg.model}'s patch {patch}: training crops are padded to "
                      f"{crop + -crop % patch} (centred, zeros; label 255 there, ignored), and so are evaluation windows, "
@@ -536,7 +545,8 @@ def main(argv=None):
     multi = unip.multi_layers(depth)  # 4/6/8/12 of 12 blocks; 8/12/16/24 for ViT-L
     layers = {"finetune": multi if cfg.pyramid == "multi" else None, "linear": multi,
               "layer-linear": (cfg.layer or depth,)}[cfg.mode]
-    seg = unip.Segmenter(backbone, K, cfg.mode, layers, aux=finetune and cfg.aux_weight > 0)
+    seg = unip.Segmenter(backbone, K, cfg.mode, layers, aux=finetune and cfg.aux_weight > 0,
+                         head_channels=cfg.head_channels or None)
     backbone.grad_checkpoint = cfg.grad_checkpoint  # less activation memory, one more forward of each block
     backbone.pos_embed.requires_grad_(finetune)  # fine-tuning learns pos_embed, like the reference
     # a backbone that trains takes the attention path that trains fastest here; a frozen one (linear probes) SDPA

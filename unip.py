@@ -515,21 +515,27 @@ class Segmenter(nn.Module):
     """A ViT backbone with one of the paper's heads; forward -> (logits, auxiliary logits or None).
 
     'finetune': pyramid + UperNet (+ FCN auxiliary head); `layers` feed the pyramid: (depth,)*4
-        is LL-FPN (default), multi_layers(depth) the multi-layer baseline.
+        is LL-FPN (default), multi_layers(depth) the multi-layer baseline. `head_channels`: the UperNet's
+        width (None: the backbone's D, as the reference; the FCN auxiliary head keeps 256).
     'linear': frozen backbone; blocks multi_layers(depth) (or `layers`) resized to the first map's
         size and concatenated -> one 1x1 conv. 'layer-linear': one block -> 1x1 conv.
-    The backbone's final `norm` feeds no head and is frozen.
+    The backbone's final `norm` feeds no head and is frozen. A linear mode has no UperNet: a
+    `head_channels` other than None is a ValueError there.
     """
 
-    def __init__(self, backbone, num_classes, mode="finetune", layers=None, aux=True):
+    def __init__(self, backbone, num_classes, mode="finetune", layers=None, aux=True, head_channels=None):
         super().__init__()
         self.backbone, self.mode, self.num_classes = backbone, mode, num_classes
         depth, dim = len(backbone.blocks), backbone.dim
+        if head_channels is not None and (mode != "finetune" or head_channels < 1):
+            raise ValueError(f"head_channels {head_channels}: a width of 1 or more, and only in finetune mode "
+                             f"(mode {mode!r})")
         if mode == "finetune":
             self.layers = tuple(layers or (depth,) * 4)
             assert len(self.layers) == 4, "the pyramid takes 4 maps"
             self.pyramid = LLFPN(dim)
-            self.head = UperHead(dim, dim, num_classes)
+            # narrower than D: a cheaper head (on a CPU it dominates a small model's step)
+            self.head = UperHead(dim, head_channels or dim, num_classes)
             self.aux_head = FCNHead(dim, num_classes) if aux else None
         elif mode in ("linear", "layer-linear"):
             default = multi_layers(depth) if mode == "linear" else (depth,)
@@ -994,7 +1000,8 @@ def load_segmenter(source, device="cpu"):
     # the backbone at the training crop, so pos_embed has the saved grid; drop path is off in eval mode anyway
     backbone = PRESETS[arch["model"]](img_size=arch["img_size"], last_heads=arch["last_heads"],
                                       layer_scale=arch["layer_scale"])
-    seg = Segmenter(backbone, arch["num_classes"], arch["mode"], arch["layers"], aux=arch["aux"])
+    seg = Segmenter(backbone, arch["num_classes"], arch["mode"], arch["layers"], aux=arch["aux"],
+                    head_channels=arch.get("head_channels"))  # absent in older checkpoints: D
     seg.load_state_dict(ck["model"])
     seg.classes, seg.palette = list(arch["classes"]), [tuple(c) for c in arch["palette"]]
     seg.crop, seg.stride, seg.short_side = arch["crop"], arch["stride"], arch["short_side"]

@@ -152,6 +152,20 @@ def test_dinov2_shaped_linear_probe_with_padded_windows(tmp_path):
     assert a.shape == (1, 3, 40, 72) and (a - b).abs().max() <= 1e-4
 
 
+def test_a_narrow_head_is_rebuilt_at_its_width(tmp_path):
+    """A checkpoint of a run with --head-channels 16, as train_seg.py records it: export.py rebuilds that width."""
+    import train_seg
+    cfg = train_seg.parse_config(["--model", "vit_micro", "--crop", "32", "--head-channels", "16"])
+    seg = unip.Segmenter(unip.vit_micro(img_size=32, layer_scale=cfg.layer_scale), 3, head_channels=16).eval()
+    arch = train_seg.inference_arch(cfg, seg, 32, 21, ["a", "b", "c"], [(0, 0, 0)] * 3)
+    unip.save_checkpoint({"model": seg.state_dict(), "config": train_seg.asdict(cfg), "segmenter": arch},
+                         tmp_path / "narrow.pt")
+    back = export.read_train_seg(tmp_path / "narrow.pt")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert back.head.fuse[0].out_channels == 16 and torch.equal(export.Logits(back)(x), export.Logits(seg)(x))
+
+
 def test_a_failed_check_ends_the_run(ckpt, exported):
     class Off(predict.OnnxSegmenter):  # the exported file, with every logit 1e-3 off
         def __call__(self, x):

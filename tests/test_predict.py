@@ -56,6 +56,7 @@ def test_load_segmenter_rebuilds_the_trained_model(ckpt):
     assert seg.config["model"] == "vit_tiny" and seg.layers == (12,) * 4
     assert all(torch.equal(v, ck["model"][k]) for k, v in seg.state_dict().items())
     assert "backbone.blocks.0.gamma_1" in ck["model"]  # layer scale: rebuilt from the checkpoint, not from defaults
+    assert ck["segmenter"]["head_channels"] == seg.head.classifier.in_channels == 192  # the UperNet's width: D
     assert unip.load_segmenter(ck).num_classes == 8  # a loaded dict works too
     with pytest.raises(ValueError, match="not a checkpoint of train_seg.py"):
         unip.load_segmenter({"model": unip.vit_tiny(img_size=32).state_dict()})

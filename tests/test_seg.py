@@ -811,3 +811,66 @@ def test_folder_dataset_on_real_thermal_masks(tmp_path):
     ev = [r for r in rows(tmp_path) if "miou" in r]
     assert ev and set(ev[-1]["iou"]) == {"background", "udder"} and 0 <= ev[-1]["miou"] <= 100
     assert len(list(tmp_path.glob("pred_*.png"))) == 2
+
+
+# ----------------------------------------------------------------------------- UperNet width (--head-channels)
+
+
+def test_head_channels_default_is_the_backbone_dim_and_a_given_width_is_built():
+    seg = tiny_seg()
+    assert seg.head.classifier.in_channels == 192 and seg.head.fuse[0].in_channels == 4 * 192
+    assert seg.aux_head.conv[0].out_channels == 256
+    torch.manual_seed(0)
+    ref = tiny_seg()
+    torch.manual_seed(0)
+    same = tiny_seg(head_channels=None)  # None: today's model, parameter for parameter
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), same.state_dict().values()))
+    seg = tiny_seg(head_channels=32)
+    convs = [m for m in seg.head.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert {c.out_channels for c in convs if c is not seg.head.classifier} == {32}
+    assert seg.head.classifier.in_channels == 32 and seg.head.lateral[0][0].in_channels == 192
+    assert seg.aux_head.conv[0].out_channels == 256  # the FCN auxiliary head keeps its width
+    out, aux = seg.train()(torch.randn(2, 3, 64, 96))
+    assert out.shape == (2, 5, 16, 24) and aux.shape == (2, 5, 4, 6)
+    for bad in (dict(mode="linear", head_channels=32), dict(head_channels=0)):
+        with pytest.raises(ValueError, match="head_channels"):
+            tiny_seg(**bad)
+    with pytest.raises(SystemExit):
+        train_seg.parse_config(["--mode", "linear", "--head-channels", "32"])
+
+
+def head_run(*flags):
+    """The config, Segmenter and checkpoint of a finetune run with these flags (at SMALL's 64 px, 5 classes), the
+    checkpoint holding what train_seg.py's save() writes for inference: weights, config, 'segmenter'."""
+    cfg = train_seg.parse_config([*flags, *SMALL])
+    seg = unip.Segmenter(unip.vit_tiny(img_size=64, layer_scale=cfg.layer_scale), 5,
+                         head_channels=cfg.head_channels or None).eval()
+    arch = train_seg.inference_arch(cfg, seg, 64, 42, [str(k) for k in range(5)], [(k, k, k) for k in range(5)])
+    ck = {"model": seg.state_dict(), "config": train_seg.asdict(cfg), "segmenter": arch, "step": 0,
+          "last_heads": seg.backbone.blocks[-1].attn.heads}
+    return cfg, seg, ck
+
+
+def test_head_channels_are_stored_in_checkpoints_and_rebuilt(tmp_path):
+    _, seg, ck = head_run("--head-channels", "32")
+    unip.save_checkpoint(ck, tmp_path / "c.pt")
+    back = unip.load_segmenter(tmp_path / "c.pt")
+    assert back.head.classifier.in_channels == 32 and unip.load_checkpoint(tmp_path / "c.pt")["segmenter"]["head_channels"] == 32
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(seg(x)[0], back(x)[0])
+    # resuming it into a model of the default width names the setting that differs
+    cfg, seg, _ = head_run()
+    with pytest.raises(SystemExit, match="does not fit this model.*written with --head-channels 32"):
+        train_seg.resume_from(tmp_path / "c.pt", seg, None, None, cfg, None)
+
+
+def test_checkpoint_without_head_channels_loads_with_the_backbone_width():
+    _, seg, ck = head_run()
+    assert ck["segmenter"]["head_channels"] == 192  # a default run records D
+    del ck["segmenter"]["head_channels"], ck["config"]["head_channels"]  # as written before the option existed
+    back = unip.load_segmenter(ck)
+    assert back.head.classifier.in_channels == 192
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(seg(x)[0], back(x)[0])
