@@ -1,19 +1,33 @@
 """demo.py end to end at a tiny size: the four real stages (teacher, analysis, NMI-HAD, fine-tuning and
-probing) run as subprocesses, the report and results.json agree with the runs' own logs, and a second call
-runs nothing (every stage is found done) and reports the same numbers."""
+probing; the first three as subprocesses, the four fine-tuning and probing runs in this process to save
+their start-up), the report and results.json agree with the runs' own logs, and a second call runs nothing
+(every stage is found done) and reports the same numbers."""
 import json
 import os
+import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import demo  # noqa: E402
+from conftest import run_main  # noqa: E402
 
 TINY = ["--size", 32, "--teacher-arch", "vit_micro", "--teacher-iters", 2, "--distill-steps", 2, "--finetune-iters", 2,
         "--label-budget", 8, "--analyse-images", 2, "--val-images", 2, "--amp", "none"]
 
 
-def test_demo_runs_every_stage_and_resumes_without_rerunning(tmp_path, capsys):
+def test_demo_runs_every_stage_and_resumes_without_rerunning(tmp_path, capsys, monkeypatch):
+    real, started = subprocess.run, []
+
+    def stage_run(cmd, check, cwd):  # the --mode runs (fine-tuning, probing): in this process, as a user's would end
+        started.append(os.path.basename(cmd[1]))
+        if "--mode" not in cmd:
+            return real(cmd, check=check, cwd=cwd)
+        p = run_main(*cmd[1:])
+        if p.returncode:
+            raise subprocess.CalledProcessError(p.returncode, cmd, p.stdout, p.stderr)
+
+    monkeypatch.setattr(demo.subprocess, "run", stage_run)
     out = tmp_path / "demo"
     demo.main(["--out", str(out), *map(str, TINY)])
     first = capsys.readouterr().out
@@ -29,6 +43,7 @@ def test_demo_runs_every_stage_and_resumes_without_rerunning(tmp_path, capsys):
         assert res["minus_scratch"][m] == [res["runs"][f"rule/{m}"][0] - res["runs"][f"scratch/{m}"][0]]
     assert "mIoU (%) on 2 validation scenes" in (out / "results.md").read_text()
     assert "7 stages run now" in first and len(res["seconds"]) == 7
+    assert started == ["train_seg.py", "analyze.py", "train_pretrain.py"] + ["train_seg.py"] * 4
 
     demo.main(["--out", str(out), *map(str, TINY)])
     second = capsys.readouterr().out
