@@ -156,11 +156,11 @@ class ViT(nn.Module):
     """Plain ViT with the standard state-dict keys, so MAE / DINO / iBOT / DeiT / UNIP weights load.
 
     last_heads: the last block's head count; UNIP gives the student the teacher's, so that the
-        logits line up (parameter shapes do not change).
+        logits line up (same parameter shapes).
     drop_path_schedule: 'uniform' (pre-training) or 'linear' from 0 to `drop_path` (fine-tuning).
     layer_scale: > 0 adds residual scales with this init (the reference fine-tunes with 1.0).
-    grad_checkpoint (attribute, off): recompute each block in the backward instead of keeping its activations.
-    The options after it serve DINOv2 and CLIP teachers (section 8, below the fence).
+    grad_checkpoint (attribute, off): recompute each block in the backward, keeping no activations.
+    The later options serve DINOv2 and CLIP teachers (section 8).
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, dim=768, depth=12, heads=12,
@@ -239,8 +239,7 @@ class ViT(nn.Module):
                                           x.narrow(dim, 1 + R, x.shape[dim] - 1 - R)], dim)
 
     def run_block(self, blk, x):  # (B, N, D) -> (B, N, D)
-        # activation checkpointing: keep only the block's input, recompute the rest in the backward; the RNG
-        # state is stashed and replayed, so drop path drops the same samples both times
+        # keep only the block's input; the replayed RNG state makes drop path drop the same samples
         if self.grad_checkpoint and torch.is_grad_enabled():
             return checkpoint(blk, x, use_reentrant=False)
         return blk(x)
@@ -514,13 +513,11 @@ def multi_layers(depth):
 class Segmenter(nn.Module):
     """A ViT backbone with one of the paper's heads; forward -> (logits, auxiliary logits or None).
 
-    'finetune': pyramid + UperNet (+ FCN auxiliary head); `layers` feed the pyramid: (depth,)*4
-        is LL-FPN (default), multi_layers(depth) the multi-layer baseline. `head_channels`: the UperNet's
-        width (None: the backbone's D, as the reference; the FCN auxiliary head keeps 256).
+    'finetune': pyramid + UperNet (head_channels wide; None: D, as the reference) + FCN auxiliary head;
+        `layers` feed the pyramid: (depth,)*4 is LL-FPN (default), multi_layers(depth) the baseline.
     'linear': frozen backbone; blocks multi_layers(depth) (or `layers`) resized to the first map's
         size and concatenated -> one 1x1 conv. 'layer-linear': one block -> 1x1 conv.
-    The backbone's final `norm` feeds no head and is frozen. A linear mode has no UperNet: a
-    `head_channels` other than None is a ValueError there.
+    The backbone's final `norm` feeds no head and is frozen.
     """
 
     def __init__(self, backbone, num_classes, mode="finetune", layers=None, aux=True, head_channels=None):
@@ -558,7 +555,7 @@ class Segmenter(nn.Module):
 
     def forward(self, x):
         uniq = sorted(set(self.layers))
-        # channels-last heads on a CPU, where oneDNN's convolutions are faster so (docs/speed.md)
+        # channels-last heads on a CPU: oneDNN's convolutions are faster so (docs/speed.md)
         layout = torch.channels_last if x.device.type == "cpu" else torch.contiguous_format
         maps = {i: f.contiguous(memory_format=layout)
                 for i, f in zip(uniq, self.backbone.features(x, uniq))}
@@ -573,9 +570,9 @@ class Segmenter(nn.Module):
 
 def seg_loss(logits, label, ignore_index=255, weight=None):
     """Cross-entropy of (B, K, h, w) logits upsampled to the (B, H, W) label, averaged over all
-    pixels with ignored ones counting 0, as mmseg 0.11: an all-ignore crop gives 0, not NaN.
-    weight (K,): each pixel's loss times weight[its class], still averaged over all pixels (mmseg 0.11's
-    class_weight; not torch's weighted mean, which divides by the sum of the weights)."""
+    pixels with ignored ones counting 0 (mmseg 0.11): an all-ignore crop gives 0, not NaN.
+    weight (K,): per-pixel loss times weight[class], still averaged over all pixels (not torch's
+    weighted mean)."""
     logits = _up(logits.float(), label.shape[-2:])
     return F.cross_entropy(logits, label, weight=weight, ignore_index=ignore_index, reduction="none").mean()
 

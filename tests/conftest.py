@@ -1,11 +1,8 @@
 import os
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the scripts, importable by run_main
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +35,7 @@ def run_main(script, *args):
 
     import plumbing
     module = importlib.import_module(os.path.splitext(os.path.basename(str(script)))[0])
-    out, err, code = io.StringIO(), io.StringIO(), 0
+    out, err, code, threads = io.StringIO(), io.StringIO(), 0, torch.get_num_threads()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
         warnings.simplefilter("default")  # each run warns afresh, as a new process would
         try:
@@ -50,4 +47,6 @@ def run_main(script, *args):
         except Exception:
             traceback.print_exc()
             code = 1
+        finally:
+            torch.set_num_threads(threads)  # a --threads option must not outlive its run
     return Ran(code, out.getvalue(), err.getvalue())

@@ -5,8 +5,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,6 +13,7 @@ import torch.nn.functional as F
 import bench
 import plumbing
 import unip
+from conftest import run_main  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,10 +90,10 @@ def test_naive_loss_gradient_equals_the_fast_gradient():
 
 
 def test_quick_run_prints_json_rows():
-    cmd = [sys.executable, "tools/bench.py", "--quick", "--device", "cpu", "--threads", "1", "--only", "pretrain,data",
-           "--img", "32", "--students", "vit_tiny", "--teachers", "vit_base@9", "--reps", "1", "--json", "-",
-           "--amp", "bf16,none"]  # both precisions, alternating; bf16 runs (emulated if need be) on any CPU
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    args = ["--quick", "--device", "cpu", "--threads", "1", "--only", "pretrain,data", "--img", "32", "--students",
+            "vit_tiny", "--teachers", "vit_base@9", "--reps", "1", "--json", "-",
+            "--amp", "bf16,none"]  # both precisions, alternating; bf16 runs (emulated if need be) on any CPU
+    res = run_main("tools/bench.py", *args)  # in this process, as `python tools/bench.py ...` runs it
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout)  # stdout holds the JSON alone; the table went to stderr
     assert {"device", "torch", "amp", "peak_tflops", "config", "rows"} <= set(out)

@@ -13,6 +13,7 @@ from PIL import Image
 
 import train_pretrain
 import unip
+from conftest import run_main  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "vit_tiny", "--img-size", "32", "--synthetic-images", "32", "--batch-size", "4",
@@ -191,13 +192,13 @@ def test_torchrun_two_processes_match_one_process_with_double_batch(teacher, tmp
     common = TINY + ["--teacher", teacher, "--steps", "3", "--drop-path", "0",
                                                  "--accum-steps", "1", "--lr", "1e-3", "--warmup-epochs", "0", "--device", "cpu",
               "--amp", "none"]  # fp32: bf16 rounds the two reduction orders apart by more than the tolerance
-    one = [sys.executable, "train_pretrain.py", *common, "--batch-size", "8", "--out", str(tmp_path / "one")]
+    one = run_main("train_pretrain.py", *common, "--batch-size", "8", "--out", tmp_path / "one")  # in this process
+    assert one.returncode == 0, one.stderr[-3000:]
     two = ["torchrun", "--nproc_per_node=2", "--master_port=29517", "train_pretrain.py", *common,
            "--batch-size", "4", "--out", str(tmp_path / "two")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for cmd in (one, two):
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
-        assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run(two, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
     w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert unip.load_checkpoint(str(tmp_path / "two" / "ckpt.pt"))["step"] == 3
     torch.manual_seed(0)  # the initial student: main() seeds, builds the teacher, then the student

@@ -39,7 +39,8 @@ def test_vit_small_parameter_count_and_keys():
 @pytest.mark.parametrize("preset,dim,heads,depth", [
     ("vit_micro", 96, 3, 6), ("vit_tiny", 192, 3, 12), ("vit_small", 384, 6, 12), ("vit_base", 768, 12, 12), ("vit_large", 1024, 16, 24)])
 def test_presets(preset, dim, heads, depth):
-    m = unip.PRESETS[preset](img_size=32)
+    with torch.device("meta"):  # shapes only: no time spent drawing ViT-L's 300M initial weights
+        m = unip.PRESETS[preset](img_size=32)
     assert (m.dim, m.heads, len(m.blocks), m.blocks[-1].attn.heads) == (dim, heads, depth, heads)
 
 
