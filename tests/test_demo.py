@@ -1,7 +1,7 @@
 """demo.py end to end at a tiny size: the four real stages (teacher, analysis, NMI-HAD, fine-tuning and
-probing; the first three as subprocesses, the four fine-tuning and probing runs in this process to save
-their start-up), the report and results.json agree with the runs' own logs, and a second call runs nothing
-(every stage is found done) and reports the same numbers."""
+probing; the teacher as a subprocess, the others in this process to save their start-up), the report and
+results.json agree with the runs' own logs, and a second call runs nothing (every stage is found done) and
+reports the same numbers."""
 import json
 import os
 import subprocess
@@ -19,9 +19,9 @@ TINY = ["--size", 32, "--teacher-arch", "vit_micro", "--teacher-iters", 2, "--di
 def test_demo_runs_every_stage_and_resumes_without_rerunning(tmp_path, capsys, monkeypatch):
     real, started = subprocess.run, []
 
-    def stage_run(cmd, check, cwd):  # the --mode runs (fine-tuning, probing): in this process, as a user's would end
+    def stage_run(cmd, check, cwd):  # the first stage as a real process; the others in this one, to save start-ups
         started.append(os.path.basename(cmd[1]))
-        if "--mode" not in cmd:
+        if len(started) == 1:
             return real(cmd, check=check, cwd=cwd)
         p = run_main(*cmd[1:])
         if p.returncode:

@@ -118,7 +118,8 @@ def test_a_failing_part_is_reported_and_the_next_still_runs(tmp_path):
 def test_a_command_over_its_time_is_killed(tmp_path):
     cfg = gpu_check.Config(out=str(tmp_path), budget=60)
     run = gpu_check.Runner(cfg, dict(os.environ))
-    run.limit = time.time() + 6  # at least 5 s left, or the command is not started at all
+    run.min_left = 1  # less than this left: the command is not started at all
+    run.limit = time.time() + 2
     t = time.time()
     rc, text = run([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"], "sleep.log")
     assert rc == "timeout" and "started" in text and time.time() - t < 30

@@ -432,6 +432,7 @@ class Runner:
     def __init__(self, cfg, env):
         self.cfg, self.env, self.deadline = cfg, env, time.time() + cfg.budget
         self.limit = None  # the current part's own deadline
+        self.min_left = 5  # seconds: with less left a command is not started at all
 
     def __call__(self, cmd, log_name):
         """Run cmd (cwd: the repository) with stdout and stderr into OUT/log_name; -> (exit status, log text).
@@ -443,7 +444,7 @@ class Runner:
             log.write(f"$ {' '.join(cmd)}\n")
             log.flush()
             start = log.tell()  # the text of this command only: the log may hold earlier ones
-            if left < 5:
+            if left < self.min_left:
                 log.write("not run: out of time\n")
                 return "timeout", "not run: out of time"
             proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
