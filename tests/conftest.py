@@ -4,6 +4,13 @@ import sys
 import pytest
 import torch
 
+# Under pytest-xdist (-n N) the N workers share the cores: each worker, and every script a test starts,
+# takes its part of them instead of all (N x all threads would contend and spin-wait).
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _workers))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 @pytest.fixture(scope="module")
 def one_thread():
