@@ -277,7 +277,7 @@ def main(argv=None):
     config = {**asdict(cfg), "teacher_layer": layer, "last_heads": teacher_heads, "teacher_size": teacher_size}
 
     # ---------------------------------------------------------------- optimiser and schedule
-    optimizer = torch.optim.AdamW(unip.param_groups(student, cfg.weight_decay, decay_tokens=True), lr=lr,
+    optimizer = torch.optim.AdamW(unip.param_groups(student, cfg.weight_decay), lr=lr,
                                   betas=(cfg.beta1, cfg.beta2),
                                   fused=device.type in ("cuda", "cpu"))  # one kernel instead of a loop
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")

@@ -13,8 +13,8 @@ the backbone's last-block features -> LL-FPN (strides 4/8/16/32) -> UperNet, wit
     python train_seg.py --model vit_large --accum-steps 4 --grad-checkpoint ...   # ViT-L: batch 2 x 4 = 8 on one GPU
     python predict.py --checkpoint runs/seg/best.pt --images DIR --out DIR   # segment new, unlabelled images
 
-Recipe (the reference's mmseg configs): AdamW lr 1e-4, betas (0.9, 0.999), wd 0.05 (none on 1-D weights,
-biases, pos_embed, cls_token); layer-wise lr decay 0.85 (fine-tuning only); poly decay (power 1) to 0 with a
+Recipe (the reference's mmseg configs): AdamW lr 1e-4, betas (0.9, 0.999), wd 0.05 (none on 1-D weights
+and biases; linear probes: on every weight); layer-wise lr decay 0.85 (fine-tuning only); poly decay (power 1) to 0 with a
 linear warm-up from 1e-6x, per iteration; total batch 8; 512 crops; drop_path rising linearly to 0.1;
 aux loss 0.4; cross-entropy with ignore 255 on logits upsampled to the label. Iterations (= 100 epochs):
 SODA 14,400 (warm-up 1,500), MFNet-T 9,800 (1,000), SCUT-Seg 16,800 (1,700); a folder: 100 epochs.
@@ -559,8 +559,8 @@ def main(argv=None):
     seg.to(device)
 
     # ------------------------------------------------------------------ optimiser and schedule
-    # linear probes: the same groups without decay (only the head is trainable); 1-D weights never decayed
-    groups = unip.param_groups(seg, cfg.weight_decay, cfg.layer_decay if finetune else 1.0)
+    # linear probes: no layer decay, and the head's bias decayed too (the reference's plain AdamW)
+    groups = unip.param_groups(seg, cfg.weight_decay, cfg.layer_decay if finetune else 1.0, decay_all=not finetune)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999),
                             fused=device.type in ("cuda", "cpu"))  # one kernel instead of a loop per tensor
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")

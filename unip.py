@@ -1010,12 +1010,14 @@ def load_segmenter(source, device="cpu"):
 # 10. training helpers: precision, attention kernels, the module DDP wraps
 
 
-def param_groups(model, weight_decay=0.05, layer_decay=None, decay_tokens=False):
-    """AdamW groups over the trainable parameters; never weight decay on 1-D parameters and biases.
-    Pre-training (MAE's rule): layer_decay=None, decay_tokens=True -> two groups, decay and no decay.
-    Fine-tuning (BEiT/MAE's rule): no decay on pos_embed / cls_token / register tokens either, and one
-    group per layer id: embeddings 0, block i (from 0) i + 1, the rest (pyramid, heads, final norm)
-    depth + 1, with 'lr_scale' = layer_decay^(depth + 1 - id) to multiply into the lr at every step.
+def param_groups(model, weight_decay=0.05, layer_decay=None, decay_all=False):
+    """AdamW groups over the trainable parameters. Weight decay on everything but 1-D parameters and
+    biases (MAE's pre-training rule; the reference's fine-tuning too: its layer-decay constructor means
+    to spare pos_embed / cls_token but tests the unprefixed names, so they are decayed);
+    decay_all=True decays every parameter (mmseg's plain AdamW: the reference's linear probes).
+    layer_decay=None -> two groups, decay and no decay; else one group per layer id: embeddings 0,
+    block i (from 0) i + 1, the rest (pyramid, heads, final norm) depth + 1, with
+    'lr_scale' = layer_decay^(depth + 1 - id) to multiply into the lr at every step.
     Works on a ViT or on a Segmenter (its 'backbone.' prefix)."""
     vit = getattr(model, "backbone", model)
     prefix = "backbone." if vit is not model else ""
@@ -1034,8 +1036,7 @@ def param_groups(model, weight_decay=0.05, layer_decay=None, decay_tokens=False)
                 lid = int(local.split(".")[1]) + 1
             else:
                 lid = depth + 1
-        no_wd = p.ndim == 1 or name.endswith(".bias") or (
-            not decay_tokens and name.endswith(("pos_embed", "cls_token", "register_tokens")))
+        no_wd = not decay_all and (p.ndim == 1 or name.endswith(".bias"))
         key = (lid, no_wd)
         if key not in groups:
             scale = 1.0 if layer_decay is None else layer_decay ** (depth + 1 - lid)

@@ -513,8 +513,8 @@ def test_register_tokens_are_embeddings_in_param_groups():
     groups = unip.param_groups(seg, weight_decay=0.05, layer_decay=0.85)
     where = {n: g for g in groups for n in g["names"]}
     reg, cls = where["backbone.register_tokens"], where["backbone.cls_token"]
-    assert reg["layer_id"] == 0 and reg["weight_decay"] == 0.0 and reg["lr_scale"] == pytest.approx(0.85 ** 4)
-    assert reg is cls  # the same group as CLS: embeddings, no decay
+    assert reg["layer_id"] == 0 and reg["weight_decay"] == 0.05 and reg["lr_scale"] == pytest.approx(0.85 ** 4)
+    assert reg is cls  # the same group as CLS: embeddings, decayed as the reference decays CLS
     assert where["backbone.blocks.0.attn.qkv.weight"]["layer_id"] == 1
 
 

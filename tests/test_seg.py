@@ -196,8 +196,11 @@ def test_param_groups_match_the_recipe():
         assert scale[n] == 1.0  # heads
     for n, p in seg.named_parameters():
         if n in wd:
-            no_wd = p.ndim == 1 or n.endswith((".bias", "pos_embed", "cls_token"))
+            no_wd = p.ndim == 1 or n.endswith(".bias")
             assert wd[n] == (0.0 if no_wd else 0.05), n
+    # the reference's layer-decay constructor tests the unprefixed names 'pos_embed' / 'cls_token' against
+    # 'backbone.pos_embed' / 'backbone.cls_token', so in effect it decays them: as here
+    assert wd["backbone.pos_embed"] == wd["backbone.cls_token"] == 0.05
     assert wd["backbone.blocks.3.attn.qkv.weight"] == 0.05 and wd["backbone.blocks.3.norm1.weight"] == 0.0
 
 
@@ -652,6 +655,8 @@ def test_accumulation_matches_one_big_batch(tmp_path, probe_batch_4):
     p = run("--out", tmp_path, *PROBE, "--batch-size", 2, "--accum-steps", 2)
     assert "batch 2 x accum 2 x world 1 = 4" in p.stdout
     ck = assert_same_probe(tmp_path, probe_batch_4)
+    # a linear probe decays the head's bias too (the reference's plain AdamW, no parameter-wise rules)
+    assert [g["weight_decay"] for g in ck["optimizer"]["param_groups"]] == [0.05]
     assert ck["config"]["accum_steps"] == 2 and ck["epoch"] == 1  # 12 images, 4 per step: 3 steps an epoch
     assert [r["epoch"] for r in rows(tmp_path) if "loss" in r] == [0.3333, 0.6667, 1.0]
     p = run("--out", tmp_path / "bad", *PROBE, "--accum-steps", 0, ok=False)

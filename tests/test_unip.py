@@ -404,11 +404,11 @@ def test_freeze_unreached_freezes_exactly_what_gets_no_gradient():
     assert {n.split(".")[0] for n in frozen} == {"blocks", "norm"}
 
 
-def test_param_groups_pretraining_rule_decays_tokens_in_two_groups():
+def test_param_groups_decay_tokens_and_spare_1d_weights_and_biases():
     student = tiny_vit()
     student.pos_embed.requires_grad_(True)
     unip.freeze_unreached(student)
-    decay, no_decay = unip.param_groups(student, 0.05, decay_tokens=True)
+    decay, no_decay = unip.param_groups(student, 0.05)
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
     assert decay["lr_scale"] == no_decay["lr_scale"] == 1.0
     params = [p for p in student.parameters() if p.requires_grad]
@@ -416,7 +416,11 @@ def test_param_groups_pretraining_rule_decays_tokens_in_two_groups():
         id(p) for p in params if p.ndim > 1] + [id(p) for p in params if p.ndim == 1]
     assert "cls_token" in decay["names"] and "pos_embed" in decay["names"]  # MAE's pre-training decays them
     finetune = {n: g["weight_decay"] for g in unip.param_groups(student, 0.05, 0.85) for n in g["names"]}
-    assert finetune["cls_token"] == finetune["pos_embed"] == 0.0  # fine-tuning does not
+    assert finetune["cls_token"] == finetune["pos_embed"] == 0.05  # and so does the reference's fine-tuning
+    assert finetune["blocks.0.attn.qkv.bias"] == finetune["blocks.0.norm1.weight"] == 0.0
+    probe = unip.param_groups(student, 0.05, 1.0, decay_all=True)  # mmseg's plain AdamW
+    assert {g["weight_decay"] for g in probe} == {0.05}
+    assert sum(len(g["params"]) for g in probe) == len(params)
 
 
 # ----------------------------------------------------------------------------- checkpoint loading

@@ -361,7 +361,7 @@ def pretrain_step(t_proto, s_proto, layer, device, batch, img, naive, amp, autoc
         if compile_backend:
             compiled = functools.partial(torch.compile, backend=compile_backend)
             student_fn, teacher_fn = compiled(student_fn), compiled(teacher_fn)
-    opt = torch.optim.AdamW(unip.param_groups(student, 0.05, decay_tokens=True), lr=1e-4, betas=(0.9, 0.95), fused=device.type in ("cuda", "cpu") and not naive)
+    opt = torch.optim.AdamW(unip.param_groups(student, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=device.type in ("cuda", "cpu") and not naive)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     x = torch.randn(batch, 3, img, img, device=device)
 

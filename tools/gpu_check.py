@@ -245,7 +245,7 @@ class PretrainStep:
         unip.set_fused_attention(self.student, trains_on_sdpa(device, amp))
         unip.freeze_unreached(self.student)
         self.params = [p for p in self.student.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(unip.param_groups(self.student, 0.05, decay_tokens=True), lr=1e-4,
+        self.opt = torch.optim.AdamW(unip.param_groups(self.student, 0.05), lr=1e-4,
                                      betas=(0.9, 0.95), fused=True)
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
         self.student_fn = unip.AttentionLogits(self.student, len(self.student.blocks))
