@@ -101,6 +101,22 @@ def test_random_resized_crop_box_ranges():
         assert 0 <= top and top + h <= 100 and 0 <= left and left + w <= 150
         assert 0.2 * 15000 * 0.9 <= h * w <= 15000 and 3 / 4 * 0.9 <= w / h <= 4 / 3 * 1.1
 
+
+def test_random_resized_crop_resizes_the_crop_alone():
+    # torchvision's resized_crop on PIL: crop(), then a bicubic resize of the crop (nothing outside the box)
+    t, img = data.PretrainTransform(32), np.random.default_rng(1).integers(0, 256, (90, 120), dtype=np.uint8)
+    rng_box, rng = np.random.default_rng(5), np.random.default_rng(5)
+    top, left, h, w = t.box(90, 120, rng_box)
+    flip = rng_box.random() < 0.5
+    x = t(img, None, rng)
+    ref = np.asarray(Image.fromarray(img).crop((left, top, left + w, top + h)).resize((32, 32), Image.BICUBIC))
+    ref = ref[:, ::-1] if flip else ref
+    want = (torch.from_numpy(ref / 255.0).float() - data.PRETRAIN_MEAN) / data.PRETRAIN_STD
+    torch.testing.assert_close(x, want.expand(3, 32, 32), rtol=0, atol=1e-6)
+    one_call = np.asarray(Image.fromarray(img).resize((32, 32), Image.BICUBIC, box=(left, top, left + w, top + h)))
+    assert (one_call != np.asarray(Image.fromarray(img[top:top + h, left:left + w]).resize((32, 32), Image.BICUBIC))).any()
+
+
 # ----------------------------------------------------------------------------- robust decoding
 
 
