@@ -18,6 +18,7 @@ sys.path.insert(0, ROOT)
 import demo  # noqa: E402
 import real_data  # noqa: E402
 import plot_budgets  # noqa: E402
+import val_subsets  # noqa: E402
 import plumbing  # noqa: E402
 
 
@@ -318,3 +319,41 @@ def test_config_errors_name_the_flag(capsys):
         with pytest.raises(SystemExit):
             parse(base + bad)
         assert msg in capsys.readouterr().err
+
+
+def test_val_subsets_pools_pixels_and_pairs_seeds(tmp_path, capsys):
+    """val_subsets re-scores saved runs: mIoU from pixels summed over the frames (not the mean of per-frame IoU),
+    differences paired by seed, and a subset of every frame reproduces the full set with no spread."""
+    rng = np.random.default_rng(3)
+    details = {}
+    for row in ("scratch", "a:rule"):
+        for seed in (0, 1, 2):
+            folder = tmp_path / f"finetune_{row.replace(':', '_')}_s{seed}"
+            folder.mkdir()
+            union = rng.integers(50, 100, (6, 2))
+            union[0, 1] = 0  # a frame with no pixel of class 1 in label or prediction
+            inter = (union * rng.uniform(0.3, 1.0, (6, 2))).astype(int)
+            images = {f"f{i}": {"iou": [0, 0], "intersection": inter[i].tolist(), "union": union[i].tolist()}
+                      for i in range(6)}
+            json.dump({"step": 1, "classes": ["bg", "x"], "images": images}, open(folder / "per_image.json", "w"))
+            details[folder.name] = {"row": row, "mode": "finetune", "budget": 4, "seed": seed,
+                                    "checkpoint": str(folder / "ckpt.pt")}
+    path = tmp_path / "results.json"
+    json.dump({"run_details": details, "rows": ["scratch", "a:rule"]}, open(path, "w"))
+    runs, names = val_subsets.load_counts(json.load(open(path)))
+    assert names == [f"f{i}" for i in range(6)] and len(runs[("a:rule", "finetune", 4)]) == 3
+    inter, union = runs[("scratch", "finetune", 0 + 4)][1]
+    by_hand = 100 * (inter[:, 0].sum() / union[:, 0].sum() + inter[:, 1].sum() / union[:, 1].sum()) / 2
+    assert val_subsets.miou(inter, union, None)[0] == pytest.approx(by_hand)
+    assert val_subsets.miou(inter, union, np.array([[0]]))[0] == pytest.approx(100 * inter[0, 0] / union[0, 0])
+    full = [val_subsets.miou(*runs[("a:rule", "finetune", 4)][s], None)[0]
+            - val_subsets.miou(*runs[("scratch", "finetune", 4)][s], None)[0] for s in range(3)]
+    val_subsets.main([str(path), "--frames", "6,2", "--draws", "50"])
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| a:rule - scratch")]
+    assert len(lines) == 2
+    cells = [c.strip() for c in lines[0].split("|")]
+    assert cells[4].startswith(f"{np.mean(full):+.1f} [") and cells[5] == "6" and cells[6] == "0.0"
+    assert float(lines[1].split("|")[6]) > 0  # 2-frame subsets spread
+    os.remove(tmp_path / "finetune_scratch_s1" / "per_image.json")
+    with pytest.raises(SystemExit, match="finetune_scratch_s1.*missing"):
+        val_subsets.load_counts(json.load(open(path)))
