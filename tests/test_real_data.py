@@ -342,7 +342,7 @@ def test_val_subsets_pools_pixels_and_pairs_seeds(tmp_path, capsys):
     json.dump({"run_details": details, "rows": ["scratch", "a:rule"]}, open(path, "w"))
     runs, names = val_subsets.load_counts(json.load(open(path)))
     assert names == [f"f{i}" for i in range(6)] and len(runs[("a:rule", "finetune", 4)]) == 3
-    inter, union = runs[("scratch", "finetune", 0 + 4)][1]
+    inter, union = runs[("scratch", "finetune", 4)][1]
     by_hand = 100 * (inter[:, 0].sum() / union[:, 0].sum() + inter[:, 1].sum() / union[:, 1].sum()) / 2
     assert val_subsets.miou(inter, union, None)[0] == pytest.approx(by_hand)
     assert val_subsets.miou(inter, union, np.array([[0]]))[0] == pytest.approx(100 * inter[0, 0] / union[0, 0])

@@ -19,7 +19,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from real_data import paired_ci, t_quantile  # noqa: E402
+from real_data import ci_text, paired_ci, t_quantile  # noqa: E402
 
 
 def load_counts(results):
@@ -89,8 +89,6 @@ def main(argv=None):
             if not seeds:
                 continue
             full = paired_ci([miou(*ra[s], None)[0] for s in seeds], [miou(*rb[s], None)[0] for s in seeds])
-            ci = f"{full['mean']:+.1f}" + (f" [{full['low']:+.1f}, {full['high']:+.1f}]" if full["low"] is not None
-                                           else "")
             for n in sizes:
                 d = np.stack([miou(*ra[s], draws[n]) - miou(*rb[s], draws[n]) for s in seeds], 1)  # (draws, seeds)
                 mean = d.mean(1)
@@ -101,7 +99,7 @@ def main(argv=None):
                 else:
                     excl = "(1 seed)"
                 lo, hi = np.percentile(mean, [2.5, 97.5])
-                print(f"| {a} - {b} | {mode} | {budget} | {ci} | {n} | {mean.std(ddof=1):.1f} | "
+                print(f"| {a} - {b} | {mode} | {budget} | {ci_text(full)} | {n} | {mean.std(ddof=1):.1f} | "
                       f"{lo:+.1f} to {hi:+.1f} | {100 * flips:.0f}% | {excl} |")
 
 
