@@ -35,8 +35,9 @@ Conventions.
     bf16/fp16 peak; fp32 runs are compared with half of it, the TF32 peak).
   Memory: peak minus the level before the case was built, so weights + optimiser state + activations.
     CUDA: max_memory_allocated over the warm-up steps after the first (the first holds cudnn.benchmark's
-    algorithm search and AdamW's state creation; the state stays allocated, so it still counts). CPU: peak RSS (VmHWM) after resetting it through /proc/self/clear_refs,
-    so every case is measured on its own in one process. Loader workers are other processes: not counted.
+    algorithm search; AdamW's state, made there too, stays allocated and so still counts). CPU: peak RSS
+    (VmHWM) after resetting it through /proc/self/clear_refs, so every case is measured on its own in one
+    process. Loader workers are other processes: not counted.
     The memory section runs each case in a fresh process and marks the level after the model is built: its peak
     is activations + gradients of one forward + backward (no optimiser state), the weights given apart.
 """
@@ -238,8 +239,8 @@ def measure(builds, device, warmup, reps, clock=time.perf_counter):
         for i in range(warmup):
             steps[name]()
             if i == 0 and warmup > 1 and device.type == "cuda":
-                # step 1 holds cudnn.benchmark's algorithm search, whose trial workspaces are not the run's
-                # memory (fp32 512 px fine-tuning on an H200: 77.9 GB with them, 7.1 GB without)
+                # step 1 holds cudnn.benchmark's algorithm search: its trial workspaces are not the run's memory
+                # (docs/speed.md, the H200 table)
                 torch.cuda.reset_peak_memory_stats(device)
         peaks[name] = memory_peak(device, mark)
     if device.type == "cuda":  # events on the stream: no host sync inside the timed loop
